@@ -1,0 +1,28 @@
+//! Rookery aggregates, commands and domain rules. Pure: no I/O.
+//!
+//! Every aggregate has a synchronous `decide(&self, command) -> Result<Vec<Event>, DomainError>`
+//! holding all its rules; its [`cqrs_es::Aggregate::handle`] only writes what `decide` returns, so
+//! callers that batch commands can decide without the cqrs-es machinery. Commands carry what the
+//! aggregate cannot see itself (the actor's role, the community's join mode), resolved by the
+//! caller from read models; the aggregate decides what that allows.
+//!
+//! # Layout
+//! - [`community`]: the community aggregate (profile, join mode, platform servers, archival).
+//! - [`membership`]: one `community × user` membership (join, roles, leave, remove, ban).
+//! - [`user`]: the hub user (registration, linked platform accounts).
+//! - [`validation`]: field rules shared with the API.
+//! - [`claims`]: which uniqueness claims (names, emails, platform ids) each event takes or releases.
+//! - [`DomainError`]: the one rejection type, one variant per HTTP status.
+
+pub mod claims;
+pub mod community;
+mod error;
+pub mod membership;
+pub mod user;
+pub mod validation;
+
+pub use claims::{claim_conflict, claim_field, community_claims, user_claims, ClaimOp};
+pub use community::{Community, CommunityCommand, LinkedServer};
+pub use error::DomainError;
+pub use membership::{CommunityContext, Membership, MembershipCommand};
+pub use user::{PlatformIdentity, User, UserCommand};

@@ -1,0 +1,1 @@
+//! Projection checkpoints and state (see rookery-projections).

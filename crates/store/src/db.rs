@@ -1,0 +1,86 @@
+//! Connecting to Postgres and running the embedded migrations.
+
+use anyhow::Context;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The one migration set (`migrations/` at the workspace root), embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    pub url: String,
+    pub max_connections: u32,
+    /// Create the database named in `url` when it does not exist.
+    pub create_if_missing: bool,
+}
+
+impl DbConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), max_connections: 16, create_if_missing: true }
+    }
+}
+
+/// Opens a pool on `config.url`, creating the database first when it is missing.
+pub async fn connect(config: &DbConfig) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(&config.url)
+        .with_context(|| format!("DATABASE_URL `{}` is not a valid Postgres URL", redact(&config.url)))?
+        .log_statements(tracing::log::LevelFilter::Trace);
+    if config.create_if_missing {
+        ensure_database(&options).await?;
+    }
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", redact(&config.url)))
+}
+
+/// Runs pending migrations (idempotent; safe with several processes starting at once, sqlx
+/// serialises them with an advisory lock).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("running database migrations")
+}
+
+async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let admin = options.clone().database("postgres");
+    let mut conn = match sqlx::PgConnection::connect_with(&admin).await {
+        Ok(conn) => conn,
+        // No maintenance database to talk to: let the real connection report what is wrong.
+        Err(_) => return Ok(()),
+    };
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await
+        .context("checking whether the database exists")?;
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(&sql).execute(&mut conn).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).with_context(|| format!("creating database `{name}`")),
+        }
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}

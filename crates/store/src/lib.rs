@@ -1,0 +1,28 @@
+//! Rookery's Postgres side.
+//!
+//! The `events` table is postgres-es' own plus Rookery's log columns (DESIGN.md §4); aggregates are
+//! read back through postgres-es, and written through [`EventStore`]'s unit of work so that the
+//! events, the uniqueness claims they take and any side rows (credentials) commit together and the
+//! caller learns the version and log position it produced.
+//!
+//! # Layout
+//! - [`db`]: connecting (creating the database when missing) and the embedded migrations.
+//! - [`event_store`]: loading aggregates, the unit of work (append + claims), commit outcome.
+//! - [`log`]: the global log in commit-safe order, for the relay, rebuilds and replays.
+//! - [`relay`]: the relay's cursor and its single-active advisory lock.
+//! - [`checkpoints`]: projection checkpoints and state.
+//! - [`settings`]: generated settings (e.g. the JWT secret).
+
+pub mod checkpoints;
+pub mod db;
+pub mod event_store;
+pub mod log;
+pub mod relay;
+pub mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use db::{connect, migrate, DbConfig, MIGRATOR};
+pub use event_store::{Claim, CommitOutcome, EventStore, Loaded, StoreError, UnitOfWork};
+pub use log::LogEntry;
+pub use sqlx::PgPool;

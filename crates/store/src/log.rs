@@ -1,0 +1,122 @@
+//! The global log in commit-safe order (DESIGN.md §4).
+//!
+//! Reads only transactions older than every in-flight one, ordered by the log key
+//! `(transaction_id, global_position)`, so a reader's cursor never passes an event that commits
+//! later. The relay, rebuilds and replays all read through here.
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use rookery_events::{LogPosition, RecordedEvent};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+
+/// A recorded event plus the storage facts the bus needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogEntry {
+    pub event: RecordedEvent,
+    /// Stable 32-bit hash of the aggregate id (`events.partition_key`).
+    pub partition_key: u32,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl LogEntry {
+    pub fn partition(&self, partitions: u32) -> u32 {
+        self.partition_key % partitions.max(1)
+    }
+}
+
+macro_rules! columns {
+    () => {
+        "transaction_id::text::bigint AS txid, global_position, aggregate_type, aggregate_id, \
+         sequence, event_type, event_version, payload, metadata, partition_key, recorded_at"
+    };
+}
+
+/// Up to `limit` committed events after `after`, in log order.
+pub async fn read_committed(
+    pool: &PgPool,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Vec<LogEntry>, sqlx::Error> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM events
+         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id, global_position
+         LIMIT $3"
+    );
+    sqlx::query(SQL)
+        .bind(after.txid_i64())
+        .bind(after.gpos)
+        .bind(limit)
+        .try_map(|row: PgRow| decode(&row))
+        .fetch_all(pool)
+        .await
+}
+
+/// Every committed event in `(after, upto]`, streamed (constant memory) in log order.
+pub fn stream_committed(
+    pool: &PgPool,
+    after: LogPosition,
+    upto: LogPosition,
+) -> impl Stream<Item = Result<LogEntry, sqlx::Error>> + Send + '_ {
+    const SQL: &str = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM events
+         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
+           AND (transaction_id, global_position) <= ($3::bigint::text::xid8, $4)
+         ORDER BY transaction_id, global_position"
+    );
+    sqlx::query(SQL)
+        .bind(after.txid_i64())
+        .bind(after.gpos)
+        .bind(upto.txid_i64())
+        .bind(upto.gpos)
+        .try_map(|row: PgRow| decode(&row))
+        .fetch(pool)
+}
+
+/// The last committed event's key that no in-flight transaction can precede (the commit-safe
+/// head), or `None` for an empty log.
+pub async fn committed_head(pool: &PgPool) -> Result<Option<LogPosition>, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, global_position FROM events
+         WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(t, g)| LogPosition::from_db(t, g)))
+}
+
+/// Number of committed events after `after` (for lag and progress).
+pub async fn count_after(pool: &PgPool, after: LogPosition) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)",
+    )
+    .bind(after.txid_i64())
+    .bind(after.gpos)
+    .fetch_one(pool)
+    .await
+}
+
+fn decode(row: &PgRow) -> Result<LogEntry, sqlx::Error> {
+    let partition_key: i64 = row.try_get("partition_key")?;
+    Ok(LogEntry {
+        event: RecordedEvent {
+            position: LogPosition::from_db(row.try_get("txid")?, row.try_get("global_position")?),
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: row.try_get("payload")?,
+            metadata: row.try_get("metadata")?,
+        },
+        partition_key: u32::try_from(partition_key).unwrap_or(0),
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}

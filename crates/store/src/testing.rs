@@ -1,0 +1,63 @@
+//! Test support (feature `testing`): a fresh, migrated database per test, dropped afterwards even
+//! when the test panics, so tests run in parallel and leave nothing behind.
+
+use crate::db::{connect, migrate, DbConfig};
+use sqlx::PgPool;
+
+/// Base URL of the server tests create databases on (`TEST_DATABASE_URL`, else the local one).
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// `server_url()` with the database name replaced.
+pub fn database_url(name: &str) -> String {
+    let base = server_url();
+    match url::Url::parse(&base) {
+        Ok(mut u) => {
+            u.set_path(name);
+            u.to_string()
+        }
+        Err(_) => base,
+    }
+}
+
+/// A uniquely named database with all migrations applied.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let name = format!("rookery_test_{}", uuid::Uuid::new_v4().simple());
+        let url = database_url(&name);
+        let mut config = DbConfig::new(&url);
+        config.max_connections = 8;
+        let pool = connect(&config).await?;
+        migrate(&pool).await?;
+        Ok(Self { pool, name, url })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let pool = self.pool.clone();
+        // Drop runs in async contexts and during panics: use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                pool.close().await;
+                let Ok(admin) = sqlx::PgPool::connect(&server_url()).await else { return };
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                let _ = sqlx::query(&sql).execute(&admin).await;
+                admin.close().await;
+            });
+        })
+        .join();
+    }
+}
