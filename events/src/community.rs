@@ -28,9 +28,17 @@ pub enum CommunityEvent {
         is_public: Option<bool>,
     },
     /// A platform server (guild, channel, workspace) now belongs to this community.
-    PlatformServerLinked { platform: Platform, server_id: String },
-    PlatformServerUnlinked { platform: Platform, server_id: String },
-    JoinModeChanged { join_mode: JoinMode },
+    PlatformServerLinked {
+        platform: Platform,
+        server_id: String,
+    },
+    PlatformServerUnlinked {
+        platform: Platform,
+        server_id: String,
+    },
+    JoinModeChanged {
+        join_mode: JoinMode,
+    },
     CommunityArchived {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,

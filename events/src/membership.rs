@@ -20,11 +20,26 @@ pub const MEMBERSHIP_NAMESPACE: Uuid = Uuid::from_u128(0x5a0e_77c1_2f0b_4d7e_9b1
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub enum MembershipEvent {
     /// The user became an active member (by joining, being added, or founding the community).
-    MemberJoined { community_id: Uuid, user_id: Uuid, role: Role },
+    MemberJoined {
+        community_id: Uuid,
+        user_id: Uuid,
+        role: Role,
+    },
     /// The user asked to join a community in approval mode.
-    JoinRequested { community_id: Uuid, user_id: Uuid },
-    MemberRoleChanged { community_id: Uuid, user_id: Uuid, from: Role, to: Role },
-    MemberLeft { community_id: Uuid, user_id: Uuid },
+    JoinRequested {
+        community_id: Uuid,
+        user_id: Uuid,
+    },
+    MemberRoleChanged {
+        community_id: Uuid,
+        user_id: Uuid,
+        from: Role,
+        to: Role,
+    },
+    MemberLeft {
+        community_id: Uuid,
+        user_id: Uuid,
+    },
     MemberRemoved {
         community_id: Uuid,
         user_id: Uuid,
@@ -37,7 +52,10 @@ pub enum MembershipEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
-    MemberUnbanned { community_id: Uuid, user_id: Uuid },
+    MemberUnbanned {
+        community_id: Uuid,
+        user_id: Uuid,
+    },
 }
 
 impl MembershipEvent {
@@ -56,13 +74,38 @@ impl MembershipEvent {
     /// The `(community, user)` pair every membership event names.
     pub fn subject(&self) -> (Uuid, Uuid) {
         match *self {
-            MembershipEvent::MemberJoined { community_id, user_id, .. }
-            | MembershipEvent::JoinRequested { community_id, user_id }
-            | MembershipEvent::MemberRoleChanged { community_id, user_id, .. }
-            | MembershipEvent::MemberLeft { community_id, user_id }
-            | MembershipEvent::MemberRemoved { community_id, user_id, .. }
-            | MembershipEvent::MemberBanned { community_id, user_id, .. }
-            | MembershipEvent::MemberUnbanned { community_id, user_id } => (community_id, user_id),
+            MembershipEvent::MemberJoined {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::JoinRequested {
+                community_id,
+                user_id,
+            }
+            | MembershipEvent::MemberRoleChanged {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::MemberLeft {
+                community_id,
+                user_id,
+            }
+            | MembershipEvent::MemberRemoved {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::MemberBanned {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::MemberUnbanned {
+                community_id,
+                user_id,
+            } => (community_id, user_id),
         }
     }
 }
@@ -79,6 +122,9 @@ mod tests {
         assert_eq!(membership_id(c, u), membership_id(c, u));
         assert_ne!(membership_id(c, u), membership_id(u, c));
         // A storage contract: this value must never change.
-        assert_eq!(membership_id(c, u).to_string(), membership_id(c, u).hyphenated().to_string());
+        assert_eq!(
+            membership_id(c, u).to_string(),
+            membership_id(c, u).hyphenated().to_string()
+        );
     }
 }

@@ -23,7 +23,10 @@ pub struct EventMetadata {
 
 impl EventMetadata {
     pub fn new(occurred_at: DateTime<Utc>) -> Self {
-        Self { occurred_at: occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true), ..Self::default() }
+        Self {
+            occurred_at: occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            ..Self::default()
+        }
     }
 
     pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
@@ -50,7 +53,9 @@ impl EventMetadata {
 
     /// The time the event occurred, if the metadata carries a valid one.
     pub fn occurred_at(&self) -> Option<DateTime<Utc>> {
-        DateTime::parse_from_rfc3339(&self.occurred_at).ok().map(|t| t.with_timezone(&Utc))
+        DateTime::parse_from_rfc3339(&self.occurred_at)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
     }
 }
 

@@ -32,7 +32,10 @@ impl LogPosition {
     }
 
     pub fn from_db(txid: i64, gpos: i64) -> Self {
-        Self { txid: u64::try_from(txid).unwrap_or(0), gpos }
+        Self {
+            txid: u64::try_from(txid).unwrap_or(0),
+            gpos,
+        }
     }
 }
 

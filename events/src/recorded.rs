@@ -32,7 +32,10 @@ pub enum AnyEvent {
 impl RecordedEvent {
     /// The bus/outbox message id: `aggregate_type/aggregate_id/sequence`.
     pub fn message_id(&self) -> String {
-        format!("{}/{}/{}", self.aggregate_type, self.aggregate_id, self.sequence)
+        format!(
+            "{}/{}/{}",
+            self.aggregate_type, self.aggregate_id, self.sequence
+        )
     }
 
     pub fn decode(&self) -> Result<AnyEvent, serde_json::Error> {

@@ -9,8 +9,14 @@ use utoipa::{PartialSchema, ToSchema};
 /// `(file stem, JSON Schema)` for every event enum.
 pub fn event_schemas() -> Vec<(&'static str, Value)> {
     vec![
-        ("community", document::<crate::CommunityEvent>("CommunityEvent")),
-        ("membership", document::<crate::MembershipEvent>("MembershipEvent")),
+        (
+            "community",
+            document::<crate::CommunityEvent>("CommunityEvent"),
+        ),
+        (
+            "membership",
+            document::<crate::MembershipEvent>("MembershipEvent"),
+        ),
         ("user", document::<crate::UserEvent>("UserEvent")),
     ]
 }
@@ -26,7 +32,9 @@ fn document<T: ToSchema + PartialSchema>(title: &str) -> Value {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": title,
     });
-    if let (Some(obj), Ok(Value::Object(body))) = (doc.as_object_mut(), serde_json::to_value(T::schema())) {
+    if let (Some(obj), Ok(Value::Object(body))) =
+        (doc.as_object_mut(), serde_json::to_value(T::schema()))
+    {
         obj.extend(body);
         obj.insert("$defs".into(), Value::Object(defs));
     }
@@ -54,7 +62,8 @@ mod tests {
             }
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
             assert_eq!(
-                committed, text,
+                committed,
+                text,
                 "{} drifted from the event types; if the change is intended (with a new \
                  event_version where stored events change meaning) regenerate with \
                  ROOKERY_WRITE_SCHEMAS=1 cargo test -p rookery-events",

@@ -16,8 +16,15 @@ pub enum UserEvent {
     },
     /// The hub user owns this platform account (one hub user per account, one account per
     /// platform per user).
-    PlatformIdentityLinked { platform: Platform, platform_user_id: String, username: String },
-    PlatformIdentityUnlinked { platform: Platform, platform_user_id: String },
+    PlatformIdentityLinked {
+        platform: Platform,
+        platform_user_id: String,
+        username: String,
+    },
+    PlatformIdentityUnlinked {
+        platform: Platform,
+        platform_user_id: String,
+    },
 }
 
 impl UserEvent {

@@ -20,14 +20,23 @@ pub struct DbConfig {
 
 impl DbConfig {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), max_connections: 16, create_if_missing: true }
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            create_if_missing: true,
+        }
     }
 }
 
 /// Opens a pool on `config.url`, creating the database first when it is missing.
 pub async fn connect(config: &DbConfig) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(&config.url)
-        .with_context(|| format!("DATABASE_URL `{}` is not a valid Postgres URL", redact(&config.url)))?
+        .with_context(|| {
+            format!(
+                "DATABASE_URL `{}` is not a valid Postgres URL",
+                redact(&config.url)
+            )
+        })?
         .log_statements(tracing::log::LevelFilter::Trace);
     if config.create_if_missing {
         ensure_database(&options).await?;
@@ -40,10 +49,22 @@ pub async fn connect(config: &DbConfig) -> anyhow::Result<PgPool> {
         .with_context(|| format!("connecting to Postgres at {}", redact(&config.url)))
 }
 
+/// The database holds a migration this binary does not know: a newer Rookery migrated it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database was migrated by a newer version of Rookery (migration {0} is unknown to this \
+     binary); run that version, or point DATABASE_URL at another database"
+)]
+pub struct NewerSchema(pub i64);
+
 /// Runs pending migrations (idempotent; safe with several processes starting at once, sqlx
 /// serialises them with an advisory lock).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("running database migrations")
+    match MIGRATOR.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::migrate::MigrateError::VersionMissing(v)) => Err(NewerSchema(v).into()),
+        Err(e) => Err(anyhow::Error::new(e).context("running database migrations")),
+    }
 }
 
 async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
@@ -56,11 +77,12 @@ async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
         // No maintenance database to talk to: let the real connection report what is wrong.
         Err(_) => return Ok(()),
     };
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut conn)
-        .await
-        .context("checking whether the database exists")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await
+            .context("checking whether the database exists")?;
     if !exists {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
         match sqlx::query(&sql).execute(&mut conn).await {

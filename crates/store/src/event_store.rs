@@ -16,7 +16,10 @@ use sqlx::{PgPool, Postgres, Transaction};
 pub enum StoreError {
     /// Another writer appended to this aggregate first (→ 409).
     #[error("{aggregate_type} {aggregate_id} was changed concurrently; reload and retry")]
-    Conflict { aggregate_type: String, aggregate_id: String },
+    Conflict {
+        aggregate_type: String,
+        aggregate_id: String,
+    },
     /// A uniqueness claim is held by another aggregate (→ 409 naming the field).
     #[error("{kind} `{key}` is already taken")]
     ClaimTaken { kind: String, key: String },
@@ -72,12 +75,19 @@ impl EventStore {
     /// Folds aggregate `id` from its events.
     #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %id))]
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, StoreError> {
-        let events = self.repo.get_events::<A>(id).await.map_err(StoreError::Load)?;
+        let events = self
+            .repo
+            .get_events::<A>(id)
+            .await
+            .map_err(StoreError::Load)?;
         let mut aggregate = A::default();
         let mut version = 0i64;
         for event in events {
-            let payload: A::Event = serde_json::from_value(event.payload)
-                .map_err(|source| StoreError::Decode { aggregate_type: A::TYPE, source })?;
+            let payload: A::Event =
+                serde_json::from_value(event.payload).map_err(|source| StoreError::Decode {
+                    aggregate_type: A::TYPE,
+                    source,
+                })?;
             aggregate.apply(payload);
             version = i64::try_from(event.sequence).unwrap_or(i64::MAX);
         }
@@ -85,7 +95,10 @@ impl EventStore {
     }
 
     pub async fn begin(&self) -> Result<UnitOfWork, StoreError> {
-        Ok(UnitOfWork { tx: self.pool.begin().await?, rows: Rows::default() })
+        Ok(UnitOfWork {
+            tx: self.pool.begin().await?,
+            rows: Rows::default(),
+        })
     }
 }
 
@@ -116,13 +129,18 @@ impl UnitOfWork {
         events: &[A::Event],
         metadata: &EventMetadata,
     ) -> Result<i64, StoreError> {
-        let meta = serde_json::to_value(metadata.to_map())
-            .map_err(|source| StoreError::Decode { aggregate_type: A::TYPE, source })?;
+        let meta =
+            serde_json::to_value(metadata.to_map()).map_err(|source| StoreError::Decode {
+                aggregate_type: A::TYPE,
+                source,
+            })?;
         let mut seq = version;
         for event in events {
             seq += 1;
-            let payload = serde_json::to_value(event)
-                .map_err(|source| StoreError::Decode { aggregate_type: A::TYPE, source })?;
+            let payload = serde_json::to_value(event).map_err(|source| StoreError::Decode {
+                aggregate_type: A::TYPE,
+                source,
+            })?;
             self.rows.aggregate_type.push(A::TYPE.to_string());
             self.rows.aggregate_id.push(id.to_string());
             self.rows.sequence.push(seq);
@@ -165,17 +183,22 @@ impl UnitOfWork {
                         .fetch_optional(&mut *self.tx)
                         .await?;
                         if holder.as_deref() != Some(aggregate_id) {
-                            return Err(StoreError::ClaimTaken { kind: kind.clone(), key: key.clone() });
+                            return Err(StoreError::ClaimTaken {
+                                kind: kind.clone(),
+                                key: key.clone(),
+                            });
                         }
                     }
                 }
                 Claim::Release { kind, key } => {
-                    sqlx::query("DELETE FROM claims WHERE kind = $1 AND key = $2 AND aggregate_id = $3")
-                        .bind(kind)
-                        .bind(key)
-                        .bind(aggregate_id)
-                        .execute(&mut *self.tx)
-                        .await?;
+                    sqlx::query(
+                        "DELETE FROM claims WHERE kind = $1 AND key = $2 AND aggregate_id = $3",
+                    )
+                    .bind(kind)
+                    .bind(key)
+                    .bind(aggregate_id)
+                    .execute(&mut *self.tx)
+                    .await?;
                 }
             }
         }

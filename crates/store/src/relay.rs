@@ -30,12 +30,21 @@ impl RelayLock {
             .bind(lock_key(stream))
             .fetch_one(&mut *conn)
             .await?;
-        Ok(got.then_some(Self { conn }))
+        if !got {
+            return Ok(None);
+        }
+        // A relay task aborted without `release` must not return a lock-holding session to the
+        // pool, where it would keep every other relay standing by.
+        conn.close_on_drop();
+        Ok(Some(Self { conn }))
     }
 
     /// Confirms the session still holds the lock (the connection may have been lost).
     pub async fn is_held(&mut self) -> bool {
-        sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(&mut *self.conn).await.is_ok()
+        sqlx::query_scalar::<_, i64>("SELECT 1")
+            .fetch_one(&mut *self.conn)
+            .await
+            .is_ok()
     }
 
     /// Releases the lock; the connection goes back to the pool.
@@ -54,7 +63,9 @@ pub async fn load_cursor(pool: &PgPool, stream: &str) -> Result<LogPosition, sql
             .bind(stream)
             .fetch_optional(pool)
             .await?;
-    Ok(row.map(|(t, g)| LogPosition::from_db(t, g)).unwrap_or(LogPosition::ZERO))
+    Ok(row
+        .map(|(t, g)| LogPosition::from_db(t, g))
+        .unwrap_or(LogPosition::ZERO))
 }
 
 /// Stores the cursor after JetStream acknowledged everything up to `position`; never moves it
@@ -81,7 +92,11 @@ pub async fn save_cursor(
 }
 
 /// Resets the cursor (operators re-seeding the bus with `bus republish --from`).
-pub async fn reset_cursor(pool: &PgPool, stream: &str, position: LogPosition) -> Result<(), sqlx::Error> {
+pub async fn reset_cursor(
+    pool: &PgPool,
+    stream: &str,
+    position: LogPosition,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO relay_cursors (stream, txid, gpos) VALUES ($1, $2, $3)
          ON CONFLICT (stream) DO UPDATE SET txid = EXCLUDED.txid, gpos = EXCLUDED.gpos, updated_at = now()",

@@ -9,12 +9,14 @@ pub async fn get_or_init(
     key: &str,
     generate: impl FnOnce() -> String,
 ) -> Result<(String, bool), sqlx::Error> {
-    let inserted = sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-        .bind(key)
-        .bind(generate())
-        .execute(pool)
-        .await?
-        .rows_affected()
+    let inserted = sqlx::query(
+        "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(generate())
+    .execute(pool)
+    .await?
+    .rows_affected()
         == 1;
     let value: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
         .bind(key)

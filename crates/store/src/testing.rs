@@ -44,15 +44,20 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let pool = self.pool.clone();
-        // Drop runs in async contexts and during panics: use a thread with its own runtime.
+        // Drop runs in async contexts and during panics: use a thread with its own runtime. The
+        // pool is not closed here: closing waits for connections that tasks on the (now blocked)
+        // test runtime may hold; FORCE terminates them instead.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
-                pool.close().await;
-                let Ok(admin) = sqlx::PgPool::connect(&server_url()).await else { return };
+                let Ok(admin) = sqlx::PgPool::connect(&server_url()).await else {
+                    return;
+                };
                 let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
                 let _ = sqlx::query(&sql).execute(&admin).await;
                 admin.close().await;

@@ -1,0 +1,88 @@
+//! Who may see and act on a community, decided from the write side.
+//!
+//! The caller's role comes from their Membership aggregate, loaded from the event store like the
+//! community itself, so a member promoted a moment ago can act at once and a member banned a
+//! moment ago cannot (the members read model may lag). Outsiders learn nothing about private
+//! communities: every refusal there is the same 404 a missing community gets.
+
+use rookery_domain::{Community, Membership};
+use rookery_events::membership::membership_id;
+use rookery_events::{MemberStatus, Role};
+use rookery_store::Loaded;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(crate) struct CommunityAccess {
+    pub community: Loaded<Community>,
+    /// The caller's membership in this community (default state when they never joined).
+    pub caller: Loaded<Membership>,
+}
+
+pub(crate) fn community_not_found() -> ApiError {
+    ApiError::not_found("community")
+}
+
+impl CommunityAccess {
+    /// Loads the community and the caller's membership; 404 when the community does not exist
+    /// or the caller's token is scoped to another one.
+    pub async fn load(
+        state: &AppState,
+        auth: &AuthUser,
+        community_id: Uuid,
+    ) -> Result<Self, ApiError> {
+        if !auth.reaches(community_id) {
+            return Err(community_not_found());
+        }
+        let store = state.store();
+        let membership = membership_id(community_id, auth.user_id).to_string();
+        let community = community_id.to_string();
+        let (community, caller) = tokio::try_join!(
+            store.load::<Community>(&community),
+            store.load::<Membership>(&membership),
+        )?;
+        if !community.aggregate.exists() {
+            return Err(community_not_found());
+        }
+        Ok(Self { community, caller })
+    }
+
+    pub fn is_public(&self) -> bool {
+        self.community.aggregate.is_public
+    }
+
+    /// The caller's role while they are an active member.
+    pub fn role(&self) -> Option<Role> {
+        self.caller
+            .aggregate
+            .role
+            .filter(|_| self.caller.aggregate.is_active())
+    }
+
+    pub fn caller_status(&self) -> Option<MemberStatus> {
+        self.caller.aggregate.status
+    }
+
+    /// Anyone may see a public community; a private one only its active members.
+    pub fn require_visible(&self) -> Result<(), ApiError> {
+        if self.is_public() || self.role().is_some() {
+            Ok(())
+        } else {
+            Err(community_not_found())
+        }
+    }
+
+    /// The caller's role; outsiders get 404 for a private community and 403 for a public one.
+    /// What the role allows is the domain's call.
+    pub fn require_member(&self) -> Result<Role, ApiError> {
+        match self.role() {
+            Some(role) => Ok(role),
+            None if self.is_public() => Err(ApiError::Forbidden(
+                "only members of this community can do this".into(),
+            )),
+            None => Err(community_not_found()),
+        }
+    }
+}

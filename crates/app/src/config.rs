@@ -1,0 +1,188 @@
+//! Configuration from the environment. Every variable has a default that works on a machine with
+//! Postgres on localhost:5432 and NATS on localhost:4222; the README documents each one.
+
+use anyhow::{bail, Context};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `DATABASE_URL`; the database is created when missing.
+    pub database_url: String,
+    /// `ROOKERY_DB_MAX_CONNECTIONS`.
+    pub db_max_connections: u32,
+    /// `NATS_URL`.
+    pub nats_url: String,
+    /// `ROOKERY_HTTP_ADDR`.
+    pub http_addr: SocketAddr,
+    /// `ROOKERY_STREAM`: the JetStream stream name.
+    pub stream: String,
+    /// `ROOKERY_SUBJECT_PREFIX`: first subject token of every event message.
+    pub subject_prefix: String,
+    /// `ROOKERY_PARTITIONS`: bus partitions (one active puller each per projection).
+    pub partitions: u32,
+    /// `ROOKERY_JWT_SECRET`: HS256 secret; generated and stored in the database when unset.
+    pub jwt_secret: Option<String>,
+    /// `ROOKERY_READ_WAIT_MS`: how long a query with `min_position` waits for the read model.
+    pub read_wait: Duration,
+    /// `ROOKERY_ACK_WAIT_SECS`: JetStream ack wait for projection consumers.
+    pub ack_wait: Duration,
+    /// Whether `DATABASE_URL` / `NATS_URL` were set: an explicit URL is never replaced by a
+    /// private server.
+    pub database_url_explicit: bool,
+    pub nats_url_explicit: bool,
+    /// `ROOKERY_DATA_DIR`: where private servers keep their data (default `./.rookery`).
+    pub data_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://localhost:5432/rookery".into(),
+            db_max_connections: 16,
+            nats_url: "nats://127.0.0.1:4222".into(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            stream: "rookery".into(),
+            subject_prefix: "rookery".into(),
+            partitions: 4,
+            jwt_secret: None,
+            read_wait: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+            database_url_explicit: false,
+            nats_url_explicit: false,
+            data_dir: PathBuf::from(".rookery"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the environment over the defaults; a malformed value is an error naming the variable.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let mut c = Config::default();
+        let set = |key: &str| get(key).filter(|v| !v.trim().is_empty());
+        // The built-in defaults can be moved (tests point them at closed ports); unlike the
+        // explicit variables below they may still be replaced by private servers.
+        if let Some(v) = set("ROOKERY_DEFAULT_DATABASE_URL") {
+            c.database_url = v;
+        }
+        if let Some(v) = set("ROOKERY_DEFAULT_NATS_URL") {
+            c.nats_url = v;
+        }
+        if let Some(v) = set("DATABASE_URL") {
+            c.database_url = v;
+            c.database_url_explicit = true;
+        }
+        if let Some(v) = set("NATS_URL") {
+            c.nats_url = v;
+            c.nats_url_explicit = true;
+        }
+        if let Some(v) = set("ROOKERY_DATA_DIR") {
+            c.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = set("ROOKERY_HTTP_ADDR") {
+            c.http_addr = v.parse().with_context(|| {
+                format!("ROOKERY_HTTP_ADDR `{v}` is not a socket address like 127.0.0.1:8080")
+            })?;
+        }
+        if let Some(v) = set("ROOKERY_STREAM") {
+            c.stream = v;
+        }
+        if let Some(v) = set("ROOKERY_SUBJECT_PREFIX") {
+            c.subject_prefix = v;
+        }
+        if let Some(v) = set("ROOKERY_PARTITIONS") {
+            c.partitions = parse_num("ROOKERY_PARTITIONS", &v)?;
+        }
+        if let Some(v) = set("ROOKERY_DB_MAX_CONNECTIONS") {
+            c.db_max_connections = parse_num("ROOKERY_DB_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = set("ROOKERY_READ_WAIT_MS") {
+            c.read_wait = Duration::from_millis(parse_num("ROOKERY_READ_WAIT_MS", &v)?);
+        }
+        if let Some(v) = set("ROOKERY_ACK_WAIT_SECS") {
+            c.ack_wait = Duration::from_secs(parse_num("ROOKERY_ACK_WAIT_SECS", &v)?);
+        }
+        c.jwt_secret = set("ROOKERY_JWT_SECRET");
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        };
+        if !token_ok(&self.stream) {
+            bail!(
+                "ROOKERY_STREAM `{}` must be letters, digits, '-' or '_'",
+                self.stream
+            );
+        }
+        if !token_ok(&self.subject_prefix) {
+            bail!(
+                "ROOKERY_SUBJECT_PREFIX `{}` must be letters, digits, '-' or '_'",
+                self.subject_prefix
+            );
+        }
+        if !(1..=256).contains(&self.partitions) {
+            bail!(
+                "ROOKERY_PARTITIONS must be between 1 and 256, not {}",
+                self.partitions
+            );
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < 32 {
+                bail!("ROOKERY_JWT_SECRET must be at least 32 characters");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{key} `{value}` is not a valid number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let c = from(&[]).expect("defaults are valid");
+        assert_eq!(c.database_url, "postgres://localhost:5432/rookery");
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert!(c.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn malformed_values_name_their_variable() {
+        let err = from(&[("ROOKERY_HTTP_ADDR", "nope")]).expect_err("bad addr");
+        assert!(err.to_string().contains("ROOKERY_HTTP_ADDR"));
+        let err = from(&[("ROOKERY_PARTITIONS", "0")]).expect_err("zero partitions");
+        assert!(err.to_string().contains("ROOKERY_PARTITIONS"));
+        let err = from(&[("ROOKERY_STREAM", "a.b")]).expect_err("dotted stream");
+        assert!(err.to_string().contains("ROOKERY_STREAM"));
+        let err = from(&[("ROOKERY_JWT_SECRET", "short")]).expect_err("short secret");
+        assert!(err.to_string().contains("ROOKERY_JWT_SECRET"));
+    }
+}

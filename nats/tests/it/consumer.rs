@@ -1,0 +1,189 @@
+use crate::helpers::*;
+use rookery_nats::{ack_all, Delivery, PartitionConsumer};
+use rookery_store::testing::TestDb;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Fetches until `expected` deliveries arrived.
+async fn fetch_n(consumer: &mut PartitionConsumer, expected: usize) -> Vec<Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    while out.len() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "got {} of {expected} deliveries",
+            out.len()
+        );
+        out.extend(
+            consumer
+                .fetch(expected - out.len(), Duration::from_millis(500))
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_consumer_delivers_in_order_acks_and_restarts_after_a_checkpoint() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| {
+        c.partitions = 2;
+        c.ack_wait = Duration::from_secs(1);
+    })
+    .await;
+    // Interleave aggregates across transactions so each partition's messages mix aggregates.
+    let ids: Vec<String> = (0..12).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for round in 0..4 {
+        for id in &ids {
+            append(&db.pool, id, round * 2 + 1, 2).await;
+        }
+    }
+    let entries = read_all(&db.pool, 96).await;
+    assert_eq!(bus.publish_batch(&entries).await.unwrap(), 96);
+
+    // The partition with more messages, and its stream sequences in order.
+    let all = bus.fetch_all(Duration::from_secs(10)).await.unwrap();
+    let mut by_partition: HashMap<u32, Vec<u64>> = HashMap::new();
+    for ((seq, _, _), entry) in all.iter().zip(&entries) {
+        by_partition
+            .entry(entry.partition(2))
+            .or_default()
+            .push(*seq);
+    }
+    let (partition, seqs) = by_partition
+        .into_iter()
+        .max_by_key(|(_, s)| s.len())
+        .unwrap();
+    assert!(
+        seqs.len() >= 16,
+        "partition {partition} has only {} messages",
+        seqs.len()
+    );
+
+    let mut consumer = bus
+        .partition_consumer("proj_test", partition, 0)
+        .await
+        .unwrap();
+    assert_eq!(consumer.partition(), partition);
+    assert_eq!(consumer.num_pending().await.unwrap(), seqs.len() as u64);
+    let started = Instant::now();
+    let first = consumer.fetch(1000, Duration::from_secs(5)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "fetch returns as soon as messages are there, took {:?}",
+        started.elapsed()
+    );
+    let mut deliveries = first;
+    let rest = seqs.len() - deliveries.len();
+    deliveries.extend(fetch_n(&mut consumer, rest).await);
+
+    let got: Vec<u64> = deliveries.iter().map(|d| d.stream_seq).collect();
+    assert_eq!(got, seqs, "deliveries in stream order");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let prefix = format!("{}.{partition}.", bus.config().subject_prefix);
+    for d in &deliveries {
+        assert_eq!((d.partition, d.delivered), (partition, 1));
+        assert!(d.subject().starts_with(&prefix), "{}", d.subject());
+        assert!(d.recorded_at().is_some());
+        let event = d.event.as_ref().unwrap();
+        let previous = last
+            .insert(event.aggregate_id.clone(), event.sequence)
+            .unwrap_or(0);
+        assert_eq!(event.sequence, previous + 1);
+    }
+
+    ack_all(bus.client(), &deliveries).await.unwrap();
+    assert_eq!(consumer.num_pending().await.unwrap(), 0);
+    // Unacked messages would come back after ack_wait (1 s); acked ones never do.
+    let redelivered = consumer
+        .fetch(100, Duration::from_millis(1500))
+        .await
+        .unwrap();
+    assert!(
+        redelivered.is_empty(),
+        "redelivered after ack_all: {redelivered:?}"
+    );
+
+    // A restart at a checkpoint skips everything up to it, and leaves nothing unacked behind.
+    let checkpoint = seqs[9];
+    drop(consumer);
+    let mut consumer = bus
+        .partition_consumer("proj_test", partition, checkpoint)
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer.num_pending().await.unwrap(),
+        (seqs.len() - 10) as u64
+    );
+    let again = fetch_n(&mut consumer, seqs.len() - 10).await;
+    assert_eq!(
+        again.iter().map(|d| d.stream_seq).collect::<Vec<_>>(),
+        seqs[10..].to_vec()
+    );
+    for d in &again {
+        d.ack().await.unwrap();
+    }
+    assert!(consumer
+        .fetch(10, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+
+    bus.delete_consumer("proj_test").await.unwrap();
+    bus.delete_consumer("proj_test").await.unwrap();
+    assert!(
+        bus.partition_consumer("proj_test", 2, 0).await.is_err(),
+        "partition out of range"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_wakes_for_a_new_message_and_surfaces_poison() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| c.partitions = 1).await;
+    let mut consumer = bus.partition_consumer("waiter", 0, 0).await.unwrap();
+
+    let started = Instant::now();
+    assert!(consumer
+        .fetch(10, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_empty());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(150), "{waited:?}");
+
+    let publisher = {
+        let bus = bus.bus.clone();
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            append(&pool, &uuid::Uuid::new_v4().to_string(), 1, 1).await;
+            bus.publish_batch(&read_all(&pool, 1).await).await.unwrap();
+        })
+    };
+    let started = Instant::now();
+    let got = consumer.fetch(10, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    publisher.await.unwrap();
+    got[0].ack().await.unwrap();
+
+    // A body that is not an event is delivered as an error, not dropped.
+    let js = async_nats::jetstream::new(bus.client().clone());
+    let subject = format!("{}.0.test.Garbage", bus.config().subject_prefix);
+    js.publish(subject, "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let poison = consumer.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(poison.len(), 1);
+    assert_eq!(poison[0].stream_seq, 2);
+    let err = poison[0].event.as_ref().unwrap_err();
+    assert!(err.contains("undecodable"), "{err}");
+}

@@ -1,0 +1,357 @@
+use crate::helpers::*;
+use rookery_nats::{Relay, RelayConfig, RelayStats};
+use rookery_store::testing::TestDb;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const WRITERS: Writers = Writers {
+    tasks: 8,
+    aggregates_per_task: 5,
+    events_per_aggregate: 50,
+    max_pause_ms: 3,
+};
+
+/// A spawned relay and the switch that stops it.
+struct Running {
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<anyhow::Result<()>>,
+    stats: Arc<RelayStats>,
+}
+
+fn spawn_relay(relay: Relay) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let stats = relay.stats();
+    let handle = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        stop,
+        handle,
+        stats,
+    }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("relay stops promptly")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_publishes_every_event_once_and_in_aggregate_order_despite_out_of_order_commits() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let writers_pool = writer_pool(&db.url).await;
+    let relay = spawn_relay(Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig::default(),
+    ));
+
+    let started = Instant::now();
+    join_all(WRITERS.spawn(writers_pool.clone())).await;
+    let written = started.elapsed();
+    let total = event_count(&db.pool).await;
+    assert_eq!(total, WRITERS.total());
+    wait_for_stream(&bus, total, Duration::from_secs(30)).await;
+    let relayed = started.elapsed();
+
+    let out_of_order = out_of_order_commits(&db.pool).await;
+    assert!(
+        out_of_order > 0,
+        "the writers must commit out of global_position order"
+    );
+    assert!(relay.stats.active.load(Ordering::SeqCst));
+    assert_stream_matches_log(&bus, &db.pool).await;
+    let head = rookery_store::log::committed_head(&db.pool)
+        .await
+        .unwrap()
+        .unwrap();
+    let (pool, stream) = (&db.pool, bus.config().stream.as_str());
+    eventually(
+        "the stored cursor at the head",
+        Duration::from_secs(10),
+        || async move {
+            let cursor = rookery_store::relay::load_cursor(pool, stream)
+                .await
+                .unwrap();
+            (cursor == head).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(relay.stats.cursor(), head);
+    assert_eq!(relay.stats.published_total.load(Ordering::Relaxed), total);
+    relay.shutdown().await;
+    eprintln!(
+        "out-of-order commits: {total} events ({out_of_order} commits behind a later position) \
+         written in {written:?}, all on the stream after {relayed:?} \
+         ({:.0} events/s end to end)",
+        total as f64 / relayed.as_secs_f64()
+    );
+    writers_pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_run_loses_and_duplicates_nothing() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let writers_pool = writer_pool(&db.url).await;
+    let writers = WRITERS.spawn(writers_pool.clone());
+
+    // The first relay gets a pool of its own, like a process of its own: closing that pool
+    // after the abort ends its session and so frees the advisory lock, as a crash would.
+    let first_pool = writer_pool(&db.url).await;
+    let first = spawn_relay(Relay::new(
+        first_pool.clone(),
+        bus.bus.clone(),
+        RelayConfig::default(),
+    ));
+    let bus_ref = &bus.bus;
+    eventually(
+        "the first relay to publish",
+        Duration::from_secs(20),
+        || async move { (bus_ref.stream_state().await.unwrap().messages >= 200).then_some(()) },
+    )
+    .await;
+    first.handle.abort();
+    assert!(first.handle.await.unwrap_err().is_cancelled());
+    assert!(
+        writers.iter().any(|w| !w.is_finished()),
+        "the relay must die while writers are still writing"
+    );
+    first_pool.close().await;
+    let before = bus.stream_state().await.unwrap().messages;
+
+    join_all(writers).await;
+    let total = event_count(&db.pool).await;
+
+    // The backlog the second relay finds is also a clean throughput measurement.
+    let started = Instant::now();
+    let second = spawn_relay(Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig::default(),
+    ));
+    wait_for_stream(&bus, total, Duration::from_secs(30)).await;
+    let catch_up = started.elapsed();
+    assert_stream_matches_log(&bus, &db.pool).await;
+    second.shutdown().await;
+    eprintln!(
+        "crash: first relay aborted after {before} of {total} events; the second relayed the \
+         remaining {} in {catch_up:?} ({:.0} events/s)",
+        total - before,
+        (total - before) as f64 / catch_up.as_secs_f64()
+    );
+    writers_pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_one_relay_is_active_and_the_standby_takes_over() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let writers_pool = writer_pool(&db.url).await;
+    let config = RelayConfig {
+        standby_retry: Duration::from_millis(50),
+        ..RelayConfig::default()
+    };
+    let a = spawn_relay(Relay::new(db.pool.clone(), bus.bus.clone(), config.clone()));
+    let b = spawn_relay(Relay::new(db.pool.clone(), bus.bus.clone(), config));
+    let (a_stats, b_stats) = (a.stats.clone(), b.stats.clone());
+
+    // Sample the flags throughout: A, B, A again, so a hand-over between two reads is not
+    // mistaken for both being active.
+    let (stop_sampling, mut sampling_stopped) = oneshot::channel::<()>();
+    let sampler = tokio::spawn(async move {
+        let mut samples = 0u64;
+        let mut seen_active = [false, false];
+        loop {
+            let a1 = a_stats.active.load(Ordering::SeqCst);
+            let b1 = b_stats.active.load(Ordering::SeqCst);
+            let a2 = a_stats.active.load(Ordering::SeqCst);
+            assert!(!(a1 && b1 && a2), "both relays active at once");
+            seen_active[0] |= a1;
+            seen_active[1] |= b1;
+            samples += 1;
+            if sampling_stopped.try_recv().is_ok() {
+                return (samples, seen_active);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+
+    let writers = WRITERS.spawn(writers_pool.clone());
+    let first_active = eventually(
+        "one relay to become active",
+        Duration::from_secs(10),
+        || {
+            let (a, b) = (a.stats.clone(), b.stats.clone());
+            async move {
+                match (
+                    a.active.load(Ordering::SeqCst),
+                    b.active.load(Ordering::SeqCst),
+                ) {
+                    (true, _) => Some('a'),
+                    (_, true) => Some('b'),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    let bus_ref = &bus.bus;
+    eventually(
+        "some events on the stream",
+        Duration::from_secs(20),
+        || async move { (bus_ref.stream_state().await.unwrap().messages >= 200).then_some(()) },
+    )
+    .await;
+
+    // Stop the active one gracefully while writers still write; the standby must take over.
+    let (stopped, standby) = if first_active == 'a' { (a, b) } else { (b, a) };
+    assert!(!standby.stats.active.load(Ordering::SeqCst));
+    stopped.shutdown().await;
+    eventually("the standby to take over", Duration::from_secs(10), || {
+        let s = standby.stats.clone();
+        async move { s.active.load(Ordering::SeqCst).then_some(()) }
+    })
+    .await;
+
+    join_all(writers).await;
+    let total = event_count(&db.pool).await;
+    wait_for_stream(&bus, total, Duration::from_secs(30)).await;
+    assert_stream_matches_log(&bus, &db.pool).await;
+    standby.shutdown().await;
+    let _ = stop_sampling.send(());
+    let (samples, seen_active) = sampler.await.unwrap();
+    assert_eq!(
+        seen_active,
+        [true, true],
+        "each relay was active at some point"
+    );
+    eprintln!("single active relay: {samples} samples of the active flags, never both");
+    writers_pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_once_moves_one_batch_from_the_stored_cursor() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    for _ in 0..5 {
+        append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
+    }
+    wait_committed(&db.pool, 15).await;
+    let relay = Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig {
+            batch_size: 10,
+            ..RelayConfig::default()
+        },
+    );
+    assert_eq!(relay.relay_once().await.unwrap(), 10);
+    assert_eq!(relay.relay_once().await.unwrap(), 5);
+    assert_eq!(relay.relay_once().await.unwrap(), 0);
+    assert_eq!(relay.stats().published_total.load(Ordering::Relaxed), 15);
+    assert_stream_matches_log(&bus, &db.pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stream_keeps_log_order_when_another_publisher_interleaves() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let writers_pool = writer_pool(&db.url).await;
+    let relay = spawn_relay(Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig {
+            batch_size: 200,
+            ..RelayConfig::default()
+        },
+    ));
+
+    // Messages without a message id break the relay's publish chain wherever they land.
+    let (stop_foreign, mut foreign_stopped) = oneshot::channel::<()>();
+    let foreign = {
+        let js = async_nats::jetstream::new(bus.client().clone());
+        let subject = format!("{}.0.foreign.Interloped", bus.config().subject_prefix);
+        tokio::spawn(async move {
+            let body = serde_json::to_vec(&rookery_events::RecordedEvent {
+                position: rookery_events::LogPosition::ZERO,
+                aggregate_type: "foreign".to_string(),
+                aggregate_id: "x".to_string(),
+                sequence: 1,
+                event_type: "Interloped".to_string(),
+                event_version: "1.0".to_string(),
+                payload: serde_json::json!({}),
+                metadata: serde_json::json!({}),
+            })
+            .unwrap();
+            let mut sent = 0u64;
+            while foreign_stopped.try_recv().is_err() {
+                js.publish(subject.clone(), body.clone().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                sent += 1;
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            sent
+        })
+    };
+    let writers = Writers {
+        tasks: 4,
+        aggregates_per_task: 5,
+        events_per_aggregate: 40,
+        max_pause_ms: 2,
+    };
+    join_all(writers.spawn(writers_pool.clone())).await;
+    let total = event_count(&db.pool).await;
+    let bus_ref = &bus.bus;
+    let stats = relay.stats.clone();
+    eventually("the relay to catch up", Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move { (stats.relayed_total.load(Ordering::Relaxed) >= total).then_some(()) }
+    })
+    .await;
+    let _ = stop_foreign.send(());
+    let foreign_sent = foreign.await.unwrap();
+    wait_for_stream(bus_ref, total + foreign_sent, Duration::from_secs(10)).await;
+
+    let messages = bus.fetch_all(Duration::from_secs(30)).await.unwrap();
+    let ours: Vec<_> = messages
+        .iter()
+        .filter(|(_, e, _)| e.aggregate_type == "test")
+        .collect();
+    assert_eq!(ours.len() as u64, total);
+    for pair in ours.windows(2) {
+        assert!(
+            pair[0].1.position < pair[1].1.position,
+            "stream seq {} ({}) before {} ({})",
+            pair[0].0,
+            pair[0].1.position,
+            pair[1].0,
+            pair[1].1.position
+        );
+    }
+    let interleaved = ours.windows(2).filter(|p| p[1].0 != p[0].0 + 1).count();
+    assert!(
+        interleaved > 0,
+        "the foreign publisher must have landed between relayed messages"
+    );
+    let broken = relay.stats.failed_batches.load(Ordering::Relaxed);
+    relay.shutdown().await;
+    eprintln!(
+        "interleaving: {total} events in log order among {foreign_sent} foreign messages; \
+         {interleaved} interleavings, {broken} batches cut short and resumed"
+    );
+    writers_pool.close().await;
+}

@@ -1,0 +1,280 @@
+//! Reads of the members model: keyset-paginated lists, one member, the active count.
+
+use super::fold::Identity;
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rookery_events::{MemberStatus, Role};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+pub const DEFAULT_LIMIT: u32 = 50;
+pub const MAX_LIMIT: u32 = 200;
+
+/// Why a members query was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// Return 400 Bad Request: the cursor was not produced by this list with this sort.
+    #[error("`cursor` is not valid for this list; pass the `next_cursor` of the previous page")]
+    BadCursor,
+    /// Return 400 Bad Request.
+    #[error("`limit` must be between 1 and {MAX_LIMIT}")]
+    BadLimit,
+    /// Return 500 (log the cause chain).
+    #[error("reading the members read model")]
+    Db(#[from] sqlx::Error),
+}
+
+/// List order. Both are ascending and tie-broken by user id, so pages never overlap or skip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberSort {
+    /// Longest-standing members first.
+    #[default]
+    JoinedAt,
+    Username,
+}
+
+impl MemberSort {
+    fn tag(self) -> &'static str {
+        match self {
+            MemberSort::JoinedAt => "joined_at",
+            MemberSort::Username => "username",
+        }
+    }
+}
+
+/// Filters, order and page of a members list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct MemberQuery {
+    pub role: Option<Role>,
+    /// Defaults to `active`.
+    pub status: Option<MemberStatus>,
+    #[serde(default)]
+    pub sort: MemberSort,
+    /// 1..=200, default 50.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A member as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct MemberView {
+    pub community_id: Uuid,
+    pub user_id: Uuid,
+    /// `''` until the user's registration reaches the read model.
+    pub username: String,
+    pub role: Role,
+    pub status: MemberStatus,
+    pub joined_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub identities: Vec<Identity>,
+}
+
+/// One page of a members list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct MemberPage {
+    pub items: Vec<MemberView>,
+    pub next_cursor: Option<String>,
+}
+
+/// The cursor's content: the last item's sort key and user id. Opaque to clients (base64url of
+/// this JSON), and tagged with its sort so it cannot be replayed against the other order.
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    s: String,
+    k: String,
+    u: Uuid,
+}
+
+const COLUMNS: &str = "m.community_id, m.user_id, m.username, m.role, m.status, m.joined_at, \
+     m.updated_at, COALESCE(u.identities, '[]'::jsonb) AS identities";
+
+/// A page of a community's members.
+pub async fn list_members(
+    pool: &PgPool,
+    community_id: Uuid,
+    query: &MemberQuery,
+) -> Result<MemberPage, QueryError> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(QueryError::BadLimit);
+    }
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(c, query.sort))
+        .transpose()?;
+    let status = query.status.unwrap_or(MemberStatus::Active);
+    let (order, keyset) = match query.sort {
+        MemberSort::JoinedAt => (
+            "m.joined_at, m.user_id",
+            "(m.joined_at, m.user_id) > ($5::timestamptz, $6)",
+        ),
+        MemberSort::Username => (
+            "m.username, m.user_id",
+            "(m.username, m.user_id) > ($5::text, $6)",
+        ),
+    };
+    // Two statements rather than `$5 IS NULL OR …`, so the planner can seek the index to the
+    // cursor instead of filtering from the start of the community.
+    let sql = format!(
+        "SELECT {COLUMNS} FROM members m LEFT JOIN member_users u ON u.user_id = m.user_id
+         WHERE m.community_id = $1 AND m.status = $2 AND ($3::text IS NULL OR m.role = $3) {}
+         ORDER BY {order} LIMIT $4",
+        if after.is_some() {
+            format!("AND {keyset}")
+        } else {
+            String::new()
+        }
+    );
+    let fetch = i64::from(limit) + 1;
+    let mut q = sqlx::query(&sql)
+        .bind(community_id)
+        .bind(status.as_str())
+        .bind(query.role.map(Role::as_str))
+        .bind(fetch);
+    if let Some((key, user_id)) = &after {
+        q = match key {
+            SortKey::JoinedAt(t) => q.bind(*t),
+            SortKey::Username(u) => q.bind(u.clone()),
+        };
+        q = q.bind(*user_id);
+    }
+    let rows = q.fetch_all(pool).await?;
+    let mut items = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|last| encode_cursor(query.sort, last))
+    } else {
+        None
+    };
+    Ok(MemberPage { items, next_cursor })
+}
+
+/// One member of a community (any status), if the read model has them.
+pub async fn get_member(
+    pool: &PgPool,
+    community_id: Uuid,
+    user_id: Uuid,
+) -> Result<Option<MemberView>, QueryError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM members m LEFT JOIN member_users u ON u.user_id = m.user_id
+         WHERE m.community_id = $1 AND m.user_id = $2"
+    );
+    let row = sqlx::query(&sql)
+        .bind(community_id)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.as_ref().map(view).transpose()?)
+}
+
+/// Active members of a community (0 when the read model knows none).
+pub async fn member_count(pool: &PgPool, community_id: Uuid) -> Result<i64, QueryError> {
+    let count: Option<i64> =
+        sqlx::query_scalar("SELECT member_count FROM member_counts WHERE community_id = $1")
+            .bind(community_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(count.unwrap_or(0))
+}
+
+fn view(row: &PgRow) -> Result<MemberView, sqlx::Error> {
+    let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
+        index: column.to_string(),
+        source: e.into(),
+    };
+    let role: String = row.try_get("role")?;
+    let status: String = row.try_get("status")?;
+    let identities: serde_json::Value = row.try_get("identities")?;
+    Ok(MemberView {
+        community_id: row.try_get("community_id")?,
+        user_id: row.try_get("user_id")?,
+        username: row.try_get("username")?,
+        role: role
+            .parse()
+            .map_err(|e: rookery_events::types::UnknownValue| decode("role", e.to_string()))?,
+        status: status
+            .parse()
+            .map_err(|e: rookery_events::types::UnknownValue| decode("status", e.to_string()))?,
+        joined_at: row.try_get("joined_at")?,
+        updated_at: row.try_get("updated_at")?,
+        identities: serde_json::from_value(identities)
+            .map_err(|e| decode("identities", e.to_string()))?,
+    })
+}
+
+enum SortKey {
+    JoinedAt(DateTime<Utc>),
+    Username(String),
+}
+
+fn encode_cursor(sort: MemberSort, last: &MemberView) -> String {
+    let k = match sort {
+        MemberSort::JoinedAt => last.joined_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        MemberSort::Username => last.username.clone(),
+    };
+    let cursor = Cursor {
+        s: sort.tag().to_string(),
+        k,
+        u: last.user_id,
+    };
+    // Serializing three plain fields cannot fail; an empty cursor would only restart the list.
+    let json = serde_json::to_vec(&cursor).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn decode_cursor(token: &str, sort: MemberSort) -> Result<(SortKey, Uuid), QueryError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .map_err(|_| QueryError::BadCursor)?;
+    let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| QueryError::BadCursor)?;
+    if cursor.s != sort.tag() {
+        return Err(QueryError::BadCursor);
+    }
+    let key = match sort {
+        MemberSort::JoinedAt => SortKey::JoinedAt(
+            DateTime::parse_from_rfc3339(&cursor.k)
+                .map_err(|_| QueryError::BadCursor)?
+                .with_timezone(&Utc),
+        ),
+        MemberSort::Username => SortKey::Username(cursor.k),
+    };
+    Ok((key, cursor.u))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_are_tied_to_their_sort() {
+        let view = MemberView {
+            community_id: Uuid::from_u128(1),
+            user_id: Uuid::from_u128(2),
+            username: "ada".into(),
+            role: Role::Member,
+            status: MemberStatus::Active,
+            joined_at: DateTime::<Utc>::from_timestamp(1_700_000_000, 123_456_000)
+                .unwrap_or_default(),
+            updated_at: DateTime::<Utc>::UNIX_EPOCH,
+            identities: vec![],
+        };
+        let token = encode_cursor(MemberSort::JoinedAt, &view);
+        match decode_cursor(&token, MemberSort::JoinedAt) {
+            Ok((SortKey::JoinedAt(t), u)) => assert_eq!((t, u), (view.joined_at, view.user_id)),
+            _ => panic!("cursor did not round-trip"),
+        }
+        assert!(matches!(
+            decode_cursor(&token, MemberSort::Username),
+            Err(QueryError::BadCursor)
+        ));
+        assert!(matches!(
+            decode_cursor("not a cursor!", MemberSort::JoinedAt),
+            Err(QueryError::BadCursor)
+        ));
+    }
+}

@@ -1,0 +1,288 @@
+//! Rebuilds: under live writes, against a fresh incremental build, and resumed after a crash.
+
+use crate::support::{
+    assert_same_model, joined, registered, test_worker_config, uuids, Env, ModelCopy, Scenario,
+};
+use rookery_events::{LogPosition, Role};
+use rookery_nats::{Relay, RelayConfig};
+use rookery_projections::members::{self, MemberQuery, NAME};
+use rookery_projections::{
+    rebuild_with, run_projection, run_until_idle, status, wait_for_position, MembersProjection,
+    Projection, ProjectionState, RebuildConfig,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn members_projection() -> Arc<dyn Projection> {
+    Arc::new(MembersProjection)
+}
+
+async fn index_names(env: &Env, table: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = $1 ORDER BY 1")
+        .bind(table)
+        .fetch_all(&env.pool)
+        .await
+        .expect("indexes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_under_live_writes_matches_a_fresh_incremental_build() {
+    let env = Env::new(2).await;
+    let indexes_before = index_names(&env, "members").await;
+    // A founder who never leaves: readers must always see at least them.
+    let (home, founder) = (Uuid::new_v4(), Uuid::new_v4());
+    let founded = env
+        .writer
+        .write(&[
+            registered(founder, "founder"),
+            joined(home, founder, Role::Owner),
+        ])
+        .await;
+
+    let stop = CancellationToken::new();
+    let relay = Relay::new(env.pool.clone(), env.bus.clone(), RelayConfig::default());
+    let relay_task = tokio::spawn(relay.run(stop.clone().cancelled_owned()));
+    let worker = tokio::spawn(run_projection(
+        env.pool.clone(),
+        env.bus.clone(),
+        members_projection(),
+        test_worker_config(),
+        stop.clone().cancelled_owned(),
+    ));
+
+    // Two concurrent writers on disjoint users, so transactions commit out of order.
+    let writing = CancellationToken::new();
+    let mut writers = Vec::new();
+    for seed in [11u64, 12] {
+        let (w, writing) = (env.writer.clone(), writing.clone());
+        let communities = vec![home, Uuid::new_v4()];
+        writers.push(tokio::spawn(async move {
+            let mut scenario = Scenario::new(seed, communities, uuids(30));
+            let mut last = LogPosition::ZERO;
+            while !writing.is_cancelled() {
+                last = last.max(w.write(&scenario.step()).await);
+            }
+            (scenario.events, last)
+        }));
+    }
+
+    assert!(wait_for_position(
+        &env.pool,
+        NAME,
+        env.partitions(),
+        founded,
+        Duration::from_secs(10)
+    )
+    .await
+    .expect("wait"));
+    // From here on readers must never see an error or an empty model, before, during or after
+    // the switch.
+    let reading = CancellationToken::new();
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (pool, reading, reads) = (env.pool.clone(), reading.clone(), reads.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !reading.is_cancelled() {
+                match members::list_members(&pool, home, &MemberQuery::default()).await {
+                    Ok(page) if page.items.is_empty() => failures.push("empty page".to_string()),
+                    Ok(_) => {}
+                    Err(e) => failures.push(format!("{e:#}")),
+                }
+                match members::member_count(&pool, home).await {
+                    Ok(n) if n < 1 => failures.push(format!("count {n}")),
+                    Ok(_) => {}
+                    Err(e) => failures.push(format!("{e:#}")),
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        })
+    };
+
+    crate::support::eventually(Duration::from_secs(10), "some live progress", || async {
+        members::member_count(&env.pool, home).await.unwrap_or(0) > 3
+    })
+    .await;
+    let config = RebuildConfig {
+        batch_size: 150,
+        switch_gap: 40,
+        max_passes: 5,
+        ..RebuildConfig::default()
+    };
+    let mut updates = 0u32;
+    let report = rebuild_with(
+        &env.pool,
+        members_projection(),
+        env.partitions(),
+        &config,
+        |p| {
+            assert!(p.done <= p.total, "{p:?}");
+            updates += 1;
+        },
+    )
+    .await
+    .expect("rebuild");
+    assert!(updates > 0, "progress was reported");
+    assert!(!report.resumed);
+    assert!(report.events > 0);
+
+    // Writes go on after the switch, into the new tables.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writing.cancel();
+    let mut last = LogPosition::ZERO;
+    let mut written = 1u64;
+    for w in writers {
+        let (events, position) = w.await.expect("writer");
+        written += events;
+        last = last.max(position);
+    }
+    assert!(
+        wait_for_position(
+            &env.pool,
+            NAME,
+            env.partitions(),
+            last,
+            Duration::from_secs(20)
+        )
+        .await
+        .expect("wait"),
+        "live worker caught up after the switch"
+    );
+    reading.cancel();
+    let failures = reader.await.expect("reader");
+    assert!(
+        failures.is_empty(),
+        "readers saw: {:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(reads.load(Ordering::Relaxed) > 10);
+    assert!(
+        written > report.events,
+        "writes continued during and after the rebuild"
+    );
+    eprintln!(
+        "rebuild: {report}; {written} events written, {} reads",
+        reads.load(Ordering::Relaxed)
+    );
+
+    // A fresh incremental build of the same log, through the bus, batch by batch.
+    let copy = ModelCopy {
+        name: "members_fresh",
+        prefix: "fresh_",
+    };
+    copy.create_tables(&env.pool).await;
+    run_until_idle(&env.pool, &env.bus, Arc::new(copy), test_worker_config())
+        .await
+        .expect("fresh build");
+    assert_same_model(&env.pool, "fresh_").await;
+
+    let s = status(&env.pool, env.partitions()).await.expect("status");
+    let m = s.iter().find(|p| p.name == NAME).expect("members");
+    assert_eq!(m.state, ProjectionState::Running);
+    assert!(m.rebuild.is_none());
+    assert_eq!(
+        index_names(&env, "members").await,
+        indexes_before,
+        "index names survive the swap"
+    );
+    let leftovers: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%\\_\\_rebuild' OR tablename LIKE '%\\_\\_old'")
+        .fetch_one(&env.pool)
+        .await
+        .expect("tables");
+    assert_eq!(leftovers, 0);
+
+    stop.cancel();
+    worker.await.expect("worker task").expect("worker");
+    relay_task.await.expect("relay task").expect("relay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_rebuild_resumes_from_its_cursor() {
+    let env = Env::new(1).await;
+    let mut scenario = Scenario::new(5, uuids(3), uuids(40));
+    let mut last = LogPosition::ZERO;
+    for _ in 0..300 {
+        last = last.max(env.writer.write(&scenario.step()).await);
+    }
+    let total = scenario.events;
+    // The commit-safe head is server-wide: a transaction open in another test holds it back for
+    // a moment. Start once it covers everything written, so the counts below are exact.
+    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
+        rookery_store::log::committed_head(&env.pool)
+            .await
+            .ok()
+            .flatten()
+            >= Some(last)
+    })
+    .await;
+
+    // Crash a rebuild part-way (the task is aborted, as a killed process would be).
+    let config = RebuildConfig {
+        batch_size: 50,
+        switch_gap: 0,
+        max_passes: 5,
+        ..RebuildConfig::default()
+    };
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let task = {
+        let (pool, config, reached) = (env.pool.clone(), config.clone(), reached.clone());
+        tokio::spawn(async move {
+            rebuild_with(&pool, members_projection(), 1, &config, move |p| {
+                if p.done >= 200 {
+                    reached.notify_one();
+                }
+            })
+            .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(20), reached.notified())
+        .await
+        .expect("progress");
+    task.abort();
+    assert!(task.await.is_err(), "aborted");
+    // Operators see the stopped rebuild and how far it got (once its session is gone).
+    crate::support::eventually(
+        Duration::from_secs(5),
+        "status to show the stopped rebuild",
+        || async {
+            let s = status(&env.pool, 1).await.expect("status");
+            let m = s.iter().find(|p| p.name == NAME).expect("members");
+            m.state == ProjectionState::Failed
+                && m.rebuild
+                    .as_ref()
+                    .is_some_and(|r| !r.running && r.done >= 200)
+                && m.last_error.is_some()
+        },
+    )
+    .await;
+
+    let report = crate::support::retry_until_lock_free(|| {
+        rebuild_with(&env.pool, members_projection(), 1, &config, |_| {})
+    })
+    .await;
+    assert!(report.resumed, "{report}");
+    assert!(report.events < total, "only the rest was folded: {report}");
+    assert_eq!(report.total, total);
+
+    // Identical to folding the whole log straight through.
+    let copy = ModelCopy {
+        name: "members_fresh",
+        prefix: "fresh_",
+    };
+    copy.create_tables(&env.pool).await;
+    env.relay_all().await;
+    run_until_idle(&env.pool, &env.bus, Arc::new(copy), test_worker_config())
+        .await
+        .expect("fresh build");
+    assert_same_model(&env.pool, "fresh_").await;
+    for c in &scenario.communities {
+        assert_eq!(
+            members::member_count(&env.pool, *c).await.expect("count"),
+            scenario.active_count(*c)
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end suite: the real application over HTTP against real Postgres and NATS.
+#![allow(clippy::unwrap_used)]
+
+mod auth;
+mod authz;
+mod flow;
+mod ops;
+mod uniqueness;
