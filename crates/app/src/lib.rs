@@ -11,6 +11,7 @@
 //! - [`application`]: building and running the parts, graceful shutdown.
 
 pub mod application;
+pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod embedded;

@@ -1,0 +1,1 @@
+//! `rookery bench`: every performance figure measured beside the machine's own limit.
