@@ -51,6 +51,17 @@ impl Application {
     /// stream), and binds the HTTP listener.
     pub async fn build(config: Config, mode: Mode) -> anyhow::Result<Self> {
         config.validate()?;
+        // Bound first: a taken port fails start-up before anything is created elsewhere.
+        let listener = if mode.serves_http() {
+            Some(TcpListener::bind(config.http_addr).await.with_context(|| {
+                format!(
+                    "cannot listen on {} (ROOKERY_HTTP_ADDR); is another process using the port?",
+                    config.http_addr
+                )
+            })?)
+        } else {
+            None
+        };
         let mut db = DbConfig::new(&config.database_url);
         db.max_connections = config.db_max_connections;
         let pool = rookery_store::connect(&db).await?;
@@ -62,13 +73,7 @@ impl Application {
         bus_config.ack_wait = config.ack_wait;
         let bus = Bus::connect(bus_config).await?;
 
-        let (listener, state) = if mode.serves_http() {
-            let listener = TcpListener::bind(config.http_addr).await.with_context(|| {
-                format!(
-                    "cannot listen on {} (ROOKERY_HTTP_ADDR); is another process using the port?",
-                    config.http_addr
-                )
-            })?;
+        let state = if mode.serves_http() {
             let secret = jwt_secret(&pool, &config).await?;
             let api = ApiConfig {
                 auth: AuthConfig {
@@ -83,12 +88,9 @@ impl Application {
                 read_wait: config.read_wait,
                 body_limit: 256 * 1024,
             };
-            (
-                Some(listener),
-                Some(AppState::new(pool.clone(), Some(bus.clone()), api)),
-            )
+            Some(AppState::new(pool.clone(), Some(bus.clone()), api))
         } else {
-            (None, None)
+            None
         };
         Ok(Self {
             config,
