@@ -84,6 +84,40 @@ async fn join_and_promote_is_visible_with_min_position_immediately() {
 }
 
 #[tokio::test]
+async fn events_carry_actor_request_and_correlation_ids() {
+    let app = spawn_app().await;
+    let owner = app.user("auditor").await;
+    let resp = app
+        .request(Method::POST, "/v1/communities", Some(&owner.token))
+        .header("x-correlation-id", "conversation-42")
+        .json(
+            &json!({"name": "audited", "display_name": "Audited", "platform": "slack",
+                      "is_public": false, "join_mode": "invite"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT aggregate_type, metadata FROM events WHERE aggregate_type IN ('community', 'membership')",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    // The community and the owner's membership, committed together with one metadata.
+    assert_eq!(rows.len(), 2);
+    for (_, meta) in rows {
+        assert_eq!(meta["actor"], format!("user:{}", owner.id));
+        assert_eq!(meta["request_id"], request_id);
+        assert_eq!(meta["correlation_id"], "conversation-42");
+        assert!(meta["occurred_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')));
+    }
+}
+
+#[tokio::test]
 async fn members_list_filters_sorts_and_paginates() {
     let app = spawn_app().await;
     let owner = app.user("zed").await;

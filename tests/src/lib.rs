@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
 pub fn nats_url() -> String {
-    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
+    rookery_store::testing::nats_url()
 }
 
 /// Deletes a JetStream stream when dropped, over a connection of its own (the test's runtime may

@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 }
 
 fn nats_url() -> String {
-    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    rookery_store::testing::nats_url()
 }
 
 /// `rookery` with a clean environment: only what the test sets (plus PATH and HOME).
@@ -407,4 +407,110 @@ fn doctor_reports_each_check_with_its_state() {
     assert!(stdout.contains("fix:"), "{stdout}");
     assert_eq!(out.status.code(), Some(1));
     drop(db);
+}
+
+/// A private cluster that requires a password (the machine's own server trusts everyone).
+struct PasswordPostgres {
+    bin: PathBuf,
+    dir: TempDir,
+    port: u16,
+}
+
+impl PasswordPostgres {
+    fn start() -> Self {
+        let bin = rookery_app::embedded::find_postgres_bin().expect("PostgreSQL binaries");
+        let dir = temp_dir();
+        let data = dir.0.join("data");
+        let pwfile = dir.0.join("pw");
+        std::fs::write(&pwfile, "right-password\n").unwrap();
+        let port = free_port();
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+        if as_root {
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:")
+                .arg(&dir.0)
+                .status()
+                .unwrap();
+        }
+        let pg = |tool: &str, args: &[&str]| {
+            let mut c = if as_root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+                c
+            } else {
+                Command::new(bin.join(tool))
+            };
+            let out = c.args(args).stdin(Stdio::null()).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data_s = data.display().to_string();
+        pg(
+            "initdb",
+            &[
+                "-D",
+                &data_s,
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--pwfile",
+                &pwfile.display().to_string(),
+            ],
+        );
+        let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''");
+        pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &data_s,
+                "-o",
+                &opts,
+                "-l",
+                &dir.0.join("log").display().to_string(),
+                "-w",
+                "start",
+            ],
+        );
+        Self { bin, dir, port }
+    }
+}
+
+impl Drop for PasswordPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.0.join("data").display().to_string();
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = Command::new(self.bin.join("pg_ctl"))
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+#[test]
+fn a_wrong_postgres_password_is_one_line_with_exit_code_4() {
+    let pg = PasswordPostgres::start();
+    let out = run(
+        &["migrate"],
+        &[(
+            "DATABASE_URL",
+            format!("postgres://postgres:wrong@127.0.0.1:{}/rookery", pg.port),
+        )],
+    );
+    assert_one_line_error(&out, 4, "password authentication failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains(":wrong@"),
+        "the password is never printed: {stderr}"
+    );
 }

@@ -4,10 +4,15 @@
 use crate::db::{connect, migrate, DbConfig};
 use sqlx::PgPool;
 
-/// Base URL of the server tests create databases on (`TEST_DATABASE_URL`, else the local one).
+/// Base URL of the server tests create databases on: `TEST_DATABASE_URL`, else the local one,
+/// else a private server for this test process (see `rookery-localdev`).
 pub fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+    rookery_localdev::test_postgres_url()
+}
+
+/// The NATS URL tests use (`NATS_URL`, else the local one, else a private server).
+pub fn nats_url() -> String {
+    rookery_localdev::test_nats_url()
 }
 
 /// `server_url()` with the database name replaced.

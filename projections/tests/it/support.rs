@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub fn nats_url() -> String {
-    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_string())
+    rookery_store::testing::nats_url()
 }
 
 /// A test's world: its own database, pool and stream. Dropping it deletes both, also when the
