@@ -34,6 +34,26 @@ enum Command {
     /// Check configuration, Postgres, NATS and the clock; print ok/warn/fail with the fix.
     /// Example: `rookery doctor`
     Doctor,
+    /// Measure every performance figure beside this machine's own limit (raw commits, raw
+    /// JetStream publishes, a raw log scan), in a private database and stream removed afterwards.
+    /// Example: `rookery bench --quick`
+    Bench {
+        /// A shorter run with smaller logs: under two minutes in all (the full run takes under 15).
+        #[arg(long)]
+        quick: bool,
+        /// Print the figures as one JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Run only these scenarios: commands, memory, latency, relay, rebuild, inbound, scale.
+        #[arg(long, num_args = 1.., value_name = "SCENARIO")]
+        only: Vec<String>,
+        /// Write the latency distribution (percentile curve, SVG) into this directory.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<std::path::PathBuf>,
+        /// Commands per second of the open-loop latency scenario.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+    },
     /// Inspect and rebuild read models. Example: `rookery projections status`
     Projections {
         #[command(subcommand)]
@@ -58,7 +78,11 @@ enum ProjectionsCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    rookery_app::telemetry::init();
+    if matches!(cli.command, Command::Bench { .. }) {
+        rookery_app::bench::init_telemetry();
+    } else {
+        rookery_app::telemetry::init();
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -81,6 +105,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Work => Mode::Work,
         Command::Migrate => return migrate(&config).await,
         Command::Projections { command } => return projections(&config, command).await,
+        Command::Bench {
+            quick,
+            json,
+            only,
+            plot,
+            rate,
+        } => {
+            let options = rookery_app::bench::Options {
+                quick,
+                json,
+                only,
+                plot,
+                rate,
+            };
+            return rookery_app::bench::run(config, options).await;
+        }
         Command::Doctor => return Ok(()),
     };
     // Only `up` is the everything-in-one-process developer mode that may start private servers.

@@ -41,7 +41,7 @@ impl RelayLock {
 
     /// Confirms the session still holds the lock (the connection may have been lost).
     pub async fn is_held(&mut self) -> bool {
-        sqlx::query_scalar::<_, i64>("SELECT 1")
+        sqlx::query_scalar::<_, i32>("SELECT 1")
             .fetch_one(&mut *self.conn)
             .await
             .is_ok()

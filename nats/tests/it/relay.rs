@@ -355,3 +355,23 @@ async fn the_stream_keeps_log_order_when_another_publisher_interleaves() {
     );
     writers_pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_relay_lock_reports_itself_held() {
+    let db = rookery_store::testing::TestDb::create()
+        .await
+        .expect("test database");
+    let mut lock = rookery_store::relay::RelayLock::try_acquire(&db.pool, "held")
+        .await
+        .expect("lock query")
+        .expect("lock free");
+    // A false "lost" here makes the active relay give up its lock every second.
+    assert!(lock.is_held().await);
+    assert!(
+        rookery_store::relay::RelayLock::try_acquire(&db.pool, "held")
+            .await
+            .expect("lock query")
+            .is_none()
+    );
+    lock.release("held").await;
+}
