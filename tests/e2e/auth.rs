@@ -1,19 +1,12 @@
 use reqwest::{Method, StatusCode};
-use rookery_tests::spawn_app;
+use rookery_tests::{spawn_app, PASSWORD};
 use serde_json::json;
 
 #[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_family() {
     let app = spawn_app().await;
     let user = app.user("rotator").await;
-    let (status, first) = app
-        .send(
-            Method::POST,
-            "/v1/auth/login",
-            None,
-            Some(json!({"email": user.email, "password": "correct horse battery"})),
-        )
-        .await;
+    let (status, first) = app.login(&user.email, PASSWORD).await;
     assert_eq!(status, StatusCode::OK);
     assert!(first["expires_in"].as_u64().unwrap() <= 900);
     let r1 = first["refresh_token"].as_str().unwrap().to_string();
@@ -61,14 +54,7 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
 async fn wrong_password_is_unauthorized_and_secrets_never_reach_events() {
     let app = spawn_app().await;
     let user = app.user("secretive").await;
-    let (status, problem) = app
-        .send(
-            Method::POST,
-            "/v1/auth/login",
-            None,
-            Some(json!({"email": user.email, "password": "wrong one!"})),
-        )
-        .await;
+    let (status, problem) = app.login(&user.email, "wrong one!").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
     let leaked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE payload::text LIKE '%correct horse%' OR payload::text LIKE '%argon2%'",

@@ -5,4 +5,5 @@ mod auth;
 mod authz;
 mod flow;
 mod ops;
+mod store;
 mod uniqueness;

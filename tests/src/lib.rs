@@ -13,6 +13,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// The password [`TestApp::user`] registers every user with.
+pub const PASSWORD: &str = "correct horse battery";
+
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
 pub fn nats_url() -> String {
@@ -146,7 +149,18 @@ impl TestApp {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    /// Registers and logs in a user named `name` (unique email per app).
+    /// `POST /v1/auth/login`; returns the status and the token (or problem) body.
+    pub async fn login(&self, email: &str, password: &str) -> (StatusCode, Value) {
+        self.send(
+            Method::POST,
+            "/v1/auth/login",
+            None,
+            Some(json!({"email": email, "password": password})),
+        )
+        .await
+    }
+
+    /// Registers and logs in a user named `name` (unique email per app) with [`PASSWORD`].
     pub async fn user(&self, name: &str) -> TestUser {
         let email = format!("{name}@example.com");
         let (status, body) = self
@@ -154,9 +168,7 @@ impl TestApp {
                 Method::POST,
                 "/v1/auth/register",
                 None,
-                Some(
-                    json!({"email": email, "username": name, "password": "correct horse battery"}),
-                ),
+                Some(json!({"email": email, "username": name, "password": PASSWORD})),
             )
             .await;
         assert_eq!(status, StatusCode::CREATED, "register {name}: {body}");
@@ -164,14 +176,7 @@ impl TestApp {
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("user_id");
-        let (status, body) = self
-            .send(
-                Method::POST,
-                "/v1/auth/login",
-                None,
-                Some(json!({"email": email, "password": "correct horse battery"})),
-            )
-            .await;
+        let (status, body) = self.login(&email, PASSWORD).await;
         assert_eq!(status, StatusCode::OK, "login {name}: {body}");
         let token = body["access_token"]
             .as_str()
