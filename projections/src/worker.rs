@@ -7,6 +7,10 @@
 //! it does not cover, parks poison, moves the checkpoint → commit → ack. Acks come after the
 //! commit, so a crash anywhere means a redelivery, which the checkpoint turns into a no-op.
 //!
+//! Batches commit with `synchronous_commit = off`: the read model is derived data, so instead of
+//! waiting for every batch's WAL flush the worker notices when Postgres lost a commit in a crash
+//! (the locked checkpoint is behind what this worker committed) and replays from the checkpoint.
+//!
 //! Side effects (reactors) are gated here, not in the fold: a reactor would run after a batch
 //! commits, for the events that batch applied, and rebuilds never reach this code. Events a
 //! rebuild covered are below the checkpoint floor and are skipped before that point.
@@ -238,6 +242,9 @@ impl ProjectionWorker {
         match run.process(deliveries).await? {
             BatchOutcome::Committed(done) => Ok(done),
             BatchOutcome::Paused => bail!("projection {} is paused", self.shared.projection.name()),
+            BatchOutcome::Rewound { checkpoint } => {
+                bail!("the checkpoint ({checkpoint}) went back while applying")
+            }
         }
     }
 
@@ -355,6 +362,11 @@ pub struct BatchSummary {
 enum BatchOutcome {
     Committed(BatchSummary),
     Paused,
+    /// The checkpoint is behind this worker's last commit: Postgres lost commits (a crash
+    /// before their asynchronous flush). Nothing was written; replay from the checkpoint.
+    Rewound {
+        checkpoint: u64,
+    },
 }
 
 /// One partition while this process holds its lock.
@@ -370,9 +382,9 @@ struct PartitionRun {
     single_until: Option<u64>,
     backoff: Duration,
     lock_checked: Instant,
-    /// The last fetch returned less than asked: the partition may be idle, so read the relay
-    /// cursor before the next fetch to be able to raise the floor.
-    caught_up: bool,
+    /// The highest stream sequence this run's batches committed (or the checkpoint's when the
+    /// consumer opened).
+    committed_seq: u64,
 }
 
 impl PartitionRun {
@@ -387,7 +399,7 @@ impl PartitionRun {
             single_until: None,
             backoff,
             lock_checked: Instant::now(),
-            caught_up: true,
+            committed_seq: 0,
         }
     }
 
@@ -431,18 +443,6 @@ impl PartitionRun {
                     continue;
                 }
             }
-            // Read before the fetch: if the fetch then finds nothing pending, every event up to
-            // this cursor is on the stream and was handled.
-            let relay_cursor = if self.caught_up {
-                rookery_store::relay::load_cursor(
-                    &self.shared.pool,
-                    &self.shared.bus.config().stream,
-                )
-                .await
-                .ok()
-            } else {
-                None
-            };
             let max = if self.single_until.is_some() {
                 1
             } else {
@@ -475,7 +475,14 @@ impl PartitionRun {
                 }
             };
             if deliveries.is_empty() {
-                self.caught_up = true;
+                // Read before asking what is pending: if nothing is, every event up to this
+                // cursor is on the stream and was handled.
+                let relay_cursor = rookery_store::relay::load_cursor(
+                    &self.shared.pool,
+                    &self.shared.bus.config().stream,
+                )
+                .await
+                .ok();
                 let pending = match self.consumer.as_mut() {
                     Some(c) => c.num_pending().await.ok(),
                     None => None,
@@ -490,12 +497,12 @@ impl PartitionRun {
                 }
                 continue;
             }
-            self.caught_up = deliveries.len() < max;
             let started = Instant::now();
             match self.process(&deliveries).await {
                 Ok(BatchOutcome::Committed(done)) => {
                     self.after_commit(&deliveries, &done, started).await;
                 }
+                Ok(BatchOutcome::Rewound { checkpoint }) => self.rewind(checkpoint),
                 Ok(BatchOutcome::Paused) => {
                     if let Mode::UntilIdle = mode {
                         bail!("projection {} is paused", self.name());
@@ -549,6 +556,7 @@ impl PartitionRun {
             .partition_consumer(&durable, self.partition, cp.stream_seq)
             .await?;
         self.consumer = Some(consumer);
+        self.committed_seq = cp.stream_seq;
         Ok(())
     }
 
@@ -560,9 +568,10 @@ impl PartitionRun {
         // Indexes of deliveries found to be poison, with why; bounded by the batch size.
         let mut poison: Vec<(usize, String)> = Vec::new();
         loop {
+            // See the module docs for why not waiting for the flush is safe.
             let mut tx = shared
                 .pool
-                .begin()
+                .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
                 .await
                 .context("starting the batch transaction")?;
             let Some((cp, paused)) = checkpoints::lock(&mut tx, name, self.partition).await? else {
@@ -573,6 +582,11 @@ impl PartitionRun {
             };
             if paused {
                 return Ok(BatchOutcome::Paused);
+            }
+            if cp.stream_seq < self.committed_seq {
+                return Ok(BatchOutcome::Rewound {
+                    checkpoint: cp.stream_seq,
+                });
             }
             let mut events: Vec<RecordedEvent> = Vec::with_capacity(deliveries.len());
             let mut parks: Vec<NewDeadLetter<'_>> = Vec::new();
@@ -687,6 +701,7 @@ impl PartitionRun {
         self.failure = None;
         self.backoff = self.shared.config.backoff_min;
         let last = deliveries.iter().map(|d| d.stream_seq).max().unwrap_or(0);
+        self.committed_seq = self.committed_seq.max(last);
         if self.single_until.is_some_and(|until| last >= until) {
             self.single_until = None;
         }
@@ -804,16 +819,44 @@ impl PartitionRun {
         Ok(())
     }
 
-    async fn raise_floor(&self, floor: LogPosition) {
+    /// Raises the floor to the relay's cursor once the partition is idle. Also how an idle
+    /// partition notices lost commits: then it replays from the checkpoint instead.
+    async fn raise_floor(&mut self, floor: LogPosition) {
         let shared = &self.shared;
         let result = async {
             let mut conn = shared.pool.acquire().await?;
-            checkpoints::raise_floor(&mut conn, self.name(), self.partition, floor).await
+            checkpoints::raise_floor(
+                &mut conn,
+                self.name(),
+                self.partition,
+                floor,
+                self.committed_seq,
+            )
+            .await
         }
         .await;
-        if let Err(e) = result {
-            tracing::debug!(projection = self.name(), partition = self.partition, error = %e, "could not raise the floor");
+        match result {
+            Ok(Some(checkpoint)) if checkpoint < self.committed_seq => {
+                self.rewind(checkpoint);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(projection = self.name(), partition = self.partition, error = %e, "could not raise the floor");
+            }
         }
+    }
+
+    /// Postgres lost commits of this worker (a crash before their asynchronous flush): start
+    /// the consumer again at the checkpoint so they are applied again.
+    fn rewind(&mut self, checkpoint: u64) {
+        tracing::warn!(
+            projection = self.name(),
+            partition = self.partition,
+            checkpoint,
+            committed = self.committed_seq,
+            "Postgres lost committed batches (crash before their flush); replaying from the checkpoint"
+        );
+        self.consumer = None;
     }
 
     /// Returns true on shutdown.

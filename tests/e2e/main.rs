@@ -5,5 +5,6 @@ mod auth;
 mod authz;
 mod flow;
 mod ops;
+mod recovery;
 mod store;
 mod uniqueness;

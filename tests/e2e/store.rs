@@ -1,11 +1,13 @@
 //! The unit of work's optimistic concurrency (DESIGN §3.6): a writer that loaded a stale version
-//! gets a conflict, and nothing it staged — events or claims — is stored.
+//! gets a conflict, and nothing it staged — events or claims — is stored; group commit answers
+//! each writer with its own outcome; postgres-es reads back what the store writes.
 
 use chrono::Utc;
+use futures::future::join_all;
 use rookery_domain::Community;
 use rookery_events::{CommunityEvent, EventMetadata, JoinMode, Platform};
 use rookery_store::testing::TestDb;
-use rookery_store::{Claim, EventStore, StoreError};
+use rookery_store::{Changes, Claim, EventStore, StoreError};
 use uuid::Uuid;
 
 fn created(id: Uuid, name: &str) -> CommunityEvent {
@@ -70,4 +72,94 @@ async fn a_stale_writer_gets_a_conflict_and_stores_nothing() {
         ["first-name"],
         "the loser's claim rolled back with its events"
     );
+}
+
+/// A claim-free change creating community `id`.
+fn creation(id: Uuid, version: i64) -> Changes {
+    let mut changes = Changes::default();
+    changes
+        .append::<Community>(
+            &id.to_string(),
+            version,
+            &[created(id, &format!("c-{id}"))],
+            &EventMetadata::new(Utc::now()),
+        )
+        .unwrap();
+    changes
+}
+
+#[tokio::test]
+async fn concurrent_commands_share_one_commit_and_each_learns_its_own_position() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let ids: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+
+    // All 50 are queued before the committer first runs (this test's runtime is single-threaded).
+    let outcomes = join_all(ids.iter().map(|id| store.commit(creation(*id, 0)))).await;
+
+    let mut txids = std::collections::HashSet::new();
+    for (id, outcome) in ids.iter().zip(outcomes) {
+        let position = outcome.unwrap().position.expect("a position");
+        txids.insert(position.txid);
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT global_position FROM events WHERE aggregate_id = $1 AND sequence = 1",
+        )
+        .bind(id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            position.gpos, stored,
+            "each writer gets its own event's key"
+        );
+    }
+    assert_eq!(txids.len(), 1, "one transaction for the whole group");
+}
+
+#[tokio::test]
+async fn a_conflict_in_a_group_fails_only_the_writer_that_lost() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let contested = Uuid::new_v4();
+    let others: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+
+    let mut changes: Vec<Changes> = others.iter().map(|id| creation(*id, 0)).collect();
+    // Two writers both loaded `contested` at version 0, in the same group.
+    changes.insert(5, creation(contested, 0));
+    changes.push(creation(contested, 0));
+    let outcomes = join_all(changes.into_iter().map(|c| store.commit(c))).await;
+
+    let conflicts = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(StoreError::Conflict { .. })))
+        .count();
+    let committed = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!((committed, conflicts), (21, 1), "{outcomes:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, 21,
+        "the loser wrote nothing, its neighbours everything"
+    );
+}
+
+#[tokio::test]
+async fn postgres_es_reads_back_what_the_store_writes() {
+    use cqrs_es::persist::PersistedEventRepository;
+
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let id = Uuid::new_v4();
+    store.commit(creation(id, 0)).await.unwrap();
+
+    let repo = postgres_es::PostgresEventRepository::new(db.pool.clone());
+    let events = repo.get_events::<Community>(&id.to_string()).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].sequence, 1);
+    assert_eq!(events[0].event_type, "CommunityCreated");
+    let ours = store.load::<Community>(&id.to_string()).await.unwrap();
+    assert_eq!(ours.version, 1);
+    assert_eq!(ours.aggregate.name, format!("c-{id}"));
 }

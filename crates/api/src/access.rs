@@ -36,13 +36,11 @@ impl CommunityAccess {
         if !auth.reaches(community_id) {
             return Err(community_not_found());
         }
-        let store = state.store();
         let membership = membership_id(community_id, auth.user_id).to_string();
-        let community = community_id.to_string();
-        let (community, caller) = tokio::try_join!(
-            store.load::<Community>(&community),
-            store.load::<Membership>(&membership),
-        )?;
+        let (community, caller) = state
+            .store()
+            .load_two::<Community, Membership>(&community_id.to_string(), &membership)
+            .await?;
         if !community.aggregate.exists() {
             return Err(community_not_found());
         }

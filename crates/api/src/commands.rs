@@ -1,9 +1,10 @@
 //! The application service: the one path every command takes.
 //!
 //! Load the aggregate(s) from the event store (strongly consistent), check `If-Match`, let the
-//! aggregate `decide`, then append the events with their metadata and uniqueness claims in one
-//! [`UnitOfWork`] that commits at the very end, so a rejected command stores nothing. Commands
-//! that change nothing answer the current version and `position: null` without a transaction.
+//! aggregate `decide`, then commit the events with their metadata and uniqueness claims
+//! atomically at the very end (group-committed with concurrent commands when they take no
+//! claims), so a rejected command stores nothing. Commands that change nothing answer the current
+//! version and `position: null` without writing.
 
 use std::future::Future;
 use std::time::Instant;
@@ -14,7 +15,7 @@ use rookery_domain::{
     community_claims, user_claims, ClaimOp, Community, DomainError, Membership, User,
 };
 use rookery_events::EventMetadata;
-use rookery_store::{Claim, Loaded, UnitOfWork};
+use rookery_store::{Changes, Claim, Loaded, UnitOfWork};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -148,26 +149,26 @@ impl<A: Decider> Change<A> {
     }
 }
 
-/// One transaction being filled with changes.
+/// The changes of one command, committed together or not at all.
 pub(crate) struct Tx {
-    uow: UnitOfWork,
+    changes: Changes,
     metadata: EventMetadata,
 }
 
 impl Tx {
-    pub async fn begin(state: &AppState, ctx: &Ctx) -> Result<Self, ApiError> {
-        Ok(Tx {
-            uow: state.store().begin().await?,
+    pub fn new(ctx: &Ctx) -> Self {
+        Tx {
+            changes: Changes::default(),
             metadata: ctx.metadata(),
-        })
+        }
     }
 
-    /// Queues `change`'s events and applies its claims (which may fail at once with 409).
-    pub async fn stage<A: Decider>(&mut self, change: &Change<A>) -> Result<(), ApiError> {
+    /// Queues `change`'s events and the claims they take or release.
+    pub fn stage<A: Decider>(&mut self, change: &Change<A>) -> Result<(), ApiError> {
         if change.is_empty() {
             return Ok(());
         }
-        self.uow.append::<A>(
+        self.changes.append::<A>(
             &change.id,
             change.loaded_version,
             &change.events,
@@ -179,21 +180,20 @@ impl Tx {
             .flat_map(A::claims)
             .map(to_store_claim)
             .collect();
-        if !claims.is_empty() {
-            self.uow.claim(A::TYPE, &change.id, &claims).await?;
-        }
+        self.changes.claim(A::TYPE, &change.id, &claims);
         Ok(())
     }
 
-    /// For side rows that commit with the events (credentials).
-    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
-        self.uow.tx()
+    /// Commits; returns the position token of the last event written.
+    pub async fn commit(self, state: &AppState) -> Result<Option<String>, ApiError> {
+        let outcome = state.store().commit(self.changes).await?;
+        Ok(outcome.position.map(|p| p.to_string()))
     }
 
-    /// Commits; returns the position token of the last event written.
-    pub async fn commit(self) -> Result<Option<String>, ApiError> {
-        let outcome = self.uow.commit().await?;
-        Ok(outcome.position.map(|p| p.to_string()))
+    /// Opens a transaction holding the staged changes (claims taken at once), for side rows
+    /// that must commit with the events (credentials).
+    pub async fn begin(self, state: &AppState) -> Result<UnitOfWork, ApiError> {
+        Ok(state.store().begin_with(self.changes).await?)
     }
 }
 
@@ -271,9 +271,9 @@ async fn run_loaded<A: Decider>(
             position: None,
         });
     }
-    let mut tx = Tx::begin(state, ctx).await?;
-    tx.stage(&change).await?;
-    let position = tx.commit().await?;
+    let mut tx = Tx::new(ctx);
+    tx.stage(&change)?;
+    let position = tx.commit(state).await?;
     tracing::debug!(events = change.events.len(), ?position, "command committed");
     Ok(CommandResult {
         version: change.version(),

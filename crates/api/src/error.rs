@@ -261,6 +261,11 @@ impl From<StoreError> for ApiError {
                 detail: claim_conflict(&kind).to_string(),
                 field: Some(claim_field(&kind).to_string()),
             },
+            StoreError::Closed => ApiError::Unavailable {
+                detail: e.to_string(),
+                retry_after: Some(1),
+                errors: Vec::new(),
+            },
             other => ApiError::Internal(anyhow::Error::new(other).context("event store")),
         }
     }

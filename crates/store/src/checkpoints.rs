@@ -200,24 +200,31 @@ pub async fn advance(
     Ok(())
 }
 
-/// Raises a partition's floor (never lowers it). Returns whether it moved.
+/// Raises a partition's floor (never lowers it) — only while its checkpoint is still at
+/// `committed_seq` or beyond, i.e. no commit the caller made was lost. Returns the checkpoint's
+/// stream sequence, so the caller learns in the same statement when commits were lost.
 pub async fn raise_floor(
     conn: &mut PgConnection,
     projection: &str,
     partition: u32,
     floor: LogPosition,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE projection_checkpoints SET floor_txid = $3, floor_gpos = $4, updated_at = now()
-         WHERE projection = $1 AND partition = $2 AND (floor_txid, floor_gpos) < ($3, $4)",
+    committed_seq: u64,
+) -> Result<Option<u64>, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        "WITH raised AS (
+            UPDATE projection_checkpoints SET floor_txid = $3, floor_gpos = $4, updated_at = now()
+            WHERE projection = $1 AND partition = $2 AND (floor_txid, floor_gpos) < ($3, $4)
+              AND stream_seq >= $5)
+         SELECT stream_seq FROM projection_checkpoints WHERE projection = $1 AND partition = $2",
     )
     .bind(projection)
     .bind(partition_i32(partition))
     .bind(floor.txid_i64())
     .bind(floor.gpos)
-    .execute(&mut *conn)
+    .bind(seq_i64(committed_seq))
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(done.rows_affected() > 0)
+    Ok(seq.map(|s| u64::try_from(s).unwrap_or(0)))
 }
 
 /// Raises every partition's floor of a projection (a rebuild's switch), creating missing rows

@@ -1,16 +1,29 @@
-//! Loading aggregates and committing units of work.
+//! Loading aggregates and committing their events.
 //!
-//! Writes go through [`UnitOfWork`]: one transaction that appends events for one or more
-//! aggregates (optimistic concurrency on `(aggregate_type, aggregate_id, sequence)`), takes and
-//! releases uniqueness claims, and may carry side rows (credentials). Because claims commit with
-//! the events, a claim can never outlive a failed command.
+//! Two ways to write, both atomic:
+//! - [`EventStore::commit`] takes [`Changes`] (events plus the uniqueness claims they take or
+//!   release) built without holding a connection. Claim-free changes are *group-committed*:
+//!   concurrent callers' events go into one `INSERT` (one commit, one WAL flush), and each caller
+//!   is answered only after that commit is durable. When the shared insert fails (two callers
+//!   raced for one aggregate), every change in it is retried alone, so each caller gets its own
+//!   answer and a conflict never spills onto a neighbour.
+//! - [`UnitOfWork`] is an explicit transaction, for commands that write side rows
+//!   (credentials) with their events.
+//!
+//! Either way claims commit with the events, so a claim can never outlive a failed command, and
+//! optimistic concurrency rests on the primary key `(aggregate_type, aggregate_id, sequence)`.
+//!
+//! Loading reads the rows postgres-es writes with one query for one or two aggregates, decoding
+//! payloads straight from their text.
 
-use cqrs_es::persist::PersistedEventRepository;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
 use cqrs_es::{Aggregate, DomainEvent};
-use postgres_es::PostgresEventRepository;
+use futures::TryStreamExt;
 use rookery_events::{EventMetadata, LogPosition};
-use serde_json::Value;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -31,8 +44,9 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    #[error("loading events")]
-    Load(#[source] cqrs_es::persist::PersistenceError),
+    /// The group committer is gone (the store is shutting down).
+    #[error("the event store is shutting down")]
+    Closed,
 }
 
 /// An aggregate with the version (last sequence, 0 when new) it was folded up to.
@@ -49,23 +63,30 @@ pub enum Claim {
     Release { kind: String, key: String },
 }
 
-/// What a committed unit of work produced.
+/// What a committed write produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommitOutcome {
     /// Log key of the last event written (or `None` when nothing was appended).
     pub position: Option<LogPosition>,
 }
 
+/// Concurrent claim-free commits that share one transaction, at most.
+const MAX_GROUP: usize = 256;
+/// Group committers running at once: while one waits for its flush the next batch forms.
+const COMMITTERS: usize = 2;
+
 #[derive(Clone)]
 pub struct EventStore {
     pool: PgPool,
-    repo: std::sync::Arc<PostgresEventRepository>,
+    committer: Arc<OnceLock<mpsc::UnboundedSender<Job>>>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        let repo = std::sync::Arc::new(PostgresEventRepository::new(pool.clone()));
-        Self { pool, repo }
+        Self {
+            pool,
+            committer: Arc::new(OnceLock::new()),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -75,23 +96,81 @@ impl EventStore {
     /// Folds aggregate `id` from its events.
     #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %id))]
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, StoreError> {
-        let events = self
-            .repo
-            .get_events::<A>(id)
-            .await
-            .map_err(StoreError::Load)?;
-        let mut aggregate = A::default();
-        let mut version = 0i64;
-        for event in events {
-            let payload: A::Event =
-                serde_json::from_value(event.payload).map_err(|source| StoreError::Decode {
-                    aggregate_type: A::TYPE,
-                    source,
-                })?;
-            aggregate.apply(payload);
-            version = i64::try_from(event.sequence).unwrap_or(i64::MAX);
+        let mut loaded = Loaded {
+            aggregate: A::default(),
+            version: 0,
+        };
+        let mut rows = sqlx::query(
+            "SELECT sequence, payload::text FROM events
+             WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            fold(&mut loaded, row.try_get(0)?, row.try_get(1)?)?;
         }
-        Ok(Loaded { aggregate, version })
+        Ok(loaded)
+    }
+
+    /// Folds aggregates `a` and `b` with one query (one round trip instead of two).
+    #[tracing::instrument(skip_all, fields(a = %a, b = %b))]
+    pub async fn load_two<A: Aggregate, B: Aggregate>(
+        &self,
+        a: &str,
+        b: &str,
+    ) -> Result<(Loaded<A>, Loaded<B>), StoreError> {
+        let mut first = Loaded {
+            aggregate: A::default(),
+            version: 0,
+        };
+        let mut second = Loaded {
+            aggregate: B::default(),
+            version: 0,
+        };
+        let mut rows = sqlx::query(
+            "SELECT aggregate_type = $1 AND aggregate_id = $2 AS first, sequence, payload::text
+             FROM events
+             WHERE (aggregate_type = $1 AND aggregate_id = $2)
+                OR (aggregate_type = $3 AND aggregate_id = $4)
+             ORDER BY aggregate_type, aggregate_id, sequence",
+        )
+        .bind(A::TYPE)
+        .bind(a)
+        .bind(B::TYPE)
+        .bind(b)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let is_first: bool = row.try_get(0)?;
+            let sequence: i64 = row.try_get(1)?;
+            let payload: &str = row.try_get(2)?;
+            if is_first {
+                fold(&mut first, sequence, payload)?;
+            } else {
+                fold(&mut second, sequence, payload)?;
+            }
+        }
+        Ok((first, second))
+    }
+
+    /// Commits `changes` atomically and answers once they are durable. Claim-free changes are
+    /// group-committed with concurrent callers' (see the module docs); changes with claims get
+    /// a transaction of their own, since a taken claim must fail only its own command.
+    pub async fn commit(&self, changes: Changes) -> Result<CommitOutcome, StoreError> {
+        if changes.rows.is_empty() && changes.claims.is_empty() {
+            return Ok(CommitOutcome { position: None });
+        }
+        if !changes.claims.is_empty() {
+            return self.begin_with(changes).await?.commit().await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.committer()
+            .send(Job {
+                rows: changes.rows,
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     pub async fn begin(&self) -> Result<UnitOfWork, StoreError> {
@@ -100,17 +179,301 @@ impl EventStore {
             rows: Rows::default(),
         })
     }
+
+    /// A transaction holding `changes`, their claims already taken (a taken claim fails here),
+    /// for side rows that must commit with the events.
+    pub async fn begin_with(&self, changes: Changes) -> Result<UnitOfWork, StoreError> {
+        let mut uow = self.begin().await?;
+        for (aggregate_type, aggregate_id, claim) in &changes.claims {
+            uow.claim(aggregate_type, aggregate_id, std::slice::from_ref(claim))
+                .await?;
+        }
+        uow.rows = changes.rows;
+        Ok(uow)
+    }
+
+    fn committer(&self) -> &mpsc::UnboundedSender<Job> {
+        self.committer.get_or_init(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let receiver = Arc::new(Mutex::new(receiver));
+            for _ in 0..COMMITTERS {
+                tokio::spawn(group_committer(self.pool.clone(), receiver.clone()));
+            }
+            sender
+        })
+    }
 }
 
+fn fold<A: Aggregate>(
+    loaded: &mut Loaded<A>,
+    sequence: i64,
+    payload: &str,
+) -> Result<(), StoreError> {
+    let event: A::Event = serde_json::from_str(payload).map_err(|source| StoreError::Decode {
+        aggregate_type: A::TYPE,
+        source,
+    })?;
+    loaded.aggregate.apply(event);
+    loaded.version = sequence;
+    Ok(())
+}
+
+/// Event rows in column order, ready for one `UNNEST` insert.
 #[derive(Default)]
 struct Rows {
-    aggregate_type: Vec<String>,
+    aggregate_type: Vec<&'static str>,
     aggregate_id: Vec<String>,
     sequence: Vec<i64>,
     event_type: Vec<String>,
     event_version: Vec<String>,
-    payload: Vec<Value>,
-    metadata: Vec<Value>,
+    payload: Vec<String>,
+    metadata: Vec<String>,
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.sequence.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sequence.is_empty()
+    }
+
+    fn append<A: Aggregate>(
+        &mut self,
+        id: &str,
+        version: i64,
+        events: &[A::Event],
+        metadata: &EventMetadata,
+    ) -> Result<i64, StoreError> {
+        let encode_error = |source| StoreError::Decode {
+            aggregate_type: A::TYPE,
+            source,
+        };
+        let meta = serde_json::to_string(&metadata.to_map()).map_err(encode_error)?;
+        let mut seq = version;
+        for event in events {
+            seq += 1;
+            self.aggregate_type.push(A::TYPE);
+            self.aggregate_id.push(id.to_string());
+            self.sequence.push(seq);
+            self.event_type.push(event.event_type());
+            self.event_version.push(event.event_version());
+            self.payload
+                .push(serde_json::to_string(event).map_err(encode_error)?);
+            self.metadata.push(meta.clone());
+        }
+        Ok(seq)
+    }
+
+    fn extend(&mut self, other: Rows) {
+        self.aggregate_type.extend(other.aggregate_type);
+        self.aggregate_id.extend(other.aggregate_id);
+        self.sequence.extend(other.sequence);
+        self.event_type.extend(other.event_type);
+        self.event_version.extend(other.event_version);
+        self.payload.extend(other.payload);
+        self.metadata.extend(other.metadata);
+    }
+
+    fn slice(&self, range: std::ops::Range<usize>) -> Rows {
+        Rows {
+            aggregate_type: self.aggregate_type[range.clone()].to_vec(),
+            aggregate_id: self.aggregate_id[range.clone()].to_vec(),
+            sequence: self.sequence[range.clone()].to_vec(),
+            event_type: self.event_type[range.clone()].to_vec(),
+            event_version: self.event_version[range.clone()].to_vec(),
+            payload: self.payload[range.clone()].to_vec(),
+            metadata: self.metadata[range].to_vec(),
+        }
+    }
+
+    fn conflict(&self, error: sqlx::Error) -> StoreError {
+        if let sqlx::Error::Database(db) = &error {
+            if db.constraint() == Some("events_pkey") {
+                return StoreError::Conflict {
+                    aggregate_type: self
+                        .aggregate_type
+                        .first()
+                        .copied()
+                        .unwrap_or_default()
+                        .into(),
+                    aggregate_id: self.aggregate_id.first().cloned().unwrap_or_default(),
+                };
+            }
+        }
+        StoreError::Database(error)
+    }
+}
+
+/// Inserts `rows` in one statement (atomic on its own, or part of `conn`'s transaction) and
+/// returns, per row, `(sequence key, global_position)` plus the writing transaction's id.
+const INSERT: &str = "WITH inserted AS (
+        INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+        SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                             $6::text[]::jsonb[], $7::text[]::jsonb[])
+        RETURNING aggregate_type, aggregate_id, sequence, global_position)
+     SELECT pg_current_xact_id()::text::bigint AS txid, aggregate_type, aggregate_id, sequence, global_position
+     FROM inserted";
+
+struct Inserted {
+    txid: i64,
+    /// `(aggregate_type, aggregate_id, sequence)` → `global_position`.
+    positions: Vec<((String, String, i64), i64)>,
+}
+
+async fn insert<'c, E>(executor: E, rows: &Rows) -> Result<Inserted, StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    let returned: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(INSERT)
+        .bind(&rows.aggregate_type)
+        .bind(&rows.aggregate_id)
+        .bind(&rows.sequence)
+        .bind(&rows.event_type)
+        .bind(&rows.event_version)
+        .bind(&rows.payload)
+        .bind(&rows.metadata)
+        .fetch_all(executor)
+        .await
+        .map_err(|e| rows.conflict(e))?;
+    let txid = returned.first().map(|r| r.0).unwrap_or_default();
+    Ok(Inserted {
+        txid,
+        positions: returned
+            .into_iter()
+            .map(|(_, t, id, seq, gpos)| ((t, id, seq), gpos))
+            .collect(),
+    })
+}
+
+impl Inserted {
+    fn last_position(&self) -> Option<LogPosition> {
+        let gpos = self.positions.iter().map(|(_, g)| *g).max()?;
+        Some(LogPosition::from_db(self.txid, gpos))
+    }
+}
+
+/// Events and claims to commit together, built without holding a connection.
+#[derive(Default)]
+pub struct Changes {
+    rows: Rows,
+    claims: Vec<(String, String, Claim)>,
+}
+
+impl Changes {
+    /// Queues `events` for aggregate `id`, which was loaded at `version`; sequences continue from
+    /// there, so a concurrent writer makes the commit fail with [`StoreError::Conflict`].
+    /// Returns the aggregate's version after them.
+    pub fn append<A: Aggregate>(
+        &mut self,
+        id: &str,
+        version: i64,
+        events: &[A::Event],
+        metadata: &EventMetadata,
+    ) -> Result<i64, StoreError> {
+        self.rows.append::<A>(id, version, events, metadata)
+    }
+
+    /// Queues claims taken or released by aggregate `(aggregate_type, aggregate_id)`.
+    pub fn claim(&mut self, aggregate_type: &str, aggregate_id: &str, claims: &[Claim]) {
+        self.claims.extend(claims.iter().map(|c| {
+            (
+                aggregate_type.to_string(),
+                aggregate_id.to_string(),
+                c.clone(),
+            )
+        }));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.claims.is_empty()
+    }
+}
+
+struct Job {
+    rows: Rows,
+    reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
+}
+
+/// Takes whatever commits queued up while the previous batch was being written and writes them
+/// as one statement. A lone job pays no extra latency: nothing waits for company.
+async fn group_committer(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        commit_group(&pool, batch).await;
+    }
+}
+
+#[tracing::instrument(skip_all, fields(commands = batch.len()))]
+async fn commit_group(pool: &PgPool, batch: Vec<Job>) {
+    if batch.len() == 1 {
+        for job in batch {
+            let _ = job.reply.send(commit_alone(pool, &job.rows).await);
+        }
+        return;
+    }
+    let mut all = Rows::default();
+    // Which job each row came from, as row ranges in `all`.
+    let mut ranges = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        let start = all.len();
+        all.extend(job.rows);
+        ranges.push(start..all.len());
+        replies.push(job.reply);
+    }
+    match insert(pool, &all).await {
+        Ok(inserted) => {
+            let mut owner: HashMap<(&str, &str, i64), usize> = HashMap::with_capacity(all.len());
+            for (job, range) in ranges.iter().enumerate() {
+                for k in range.clone() {
+                    owner.insert(
+                        (all.aggregate_type[k], &all.aggregate_id[k], all.sequence[k]),
+                        job,
+                    );
+                }
+            }
+            let mut last: Vec<Option<i64>> = vec![None; replies.len()];
+            for ((t, id, seq), gpos) in &inserted.positions {
+                if let Some(&job) = owner.get(&(t.as_str(), id.as_str(), *seq)) {
+                    last[job] = last[job].max(Some(*gpos));
+                }
+            }
+            for (reply, gpos) in replies.into_iter().zip(last) {
+                let position = gpos.map(|g| LogPosition::from_db(inserted.txid, g));
+                let _ = reply.send(Ok(CommitOutcome { position }));
+            }
+        }
+        Err(err) => {
+            // Nothing of the batch was written. Retry each alone so only the writer that lost
+            // the race sees the conflict.
+            tracing::debug!(error = %err, "group commit failed; committing one by one");
+            for (reply, range) in replies.into_iter().zip(ranges) {
+                let _ = reply.send(commit_alone(pool, &all.slice(range)).await);
+            }
+        }
+    }
+}
+
+async fn commit_alone(pool: &PgPool, rows: &Rows) -> Result<CommitOutcome, StoreError> {
+    let inserted = insert(pool, rows).await?;
+    Ok(CommitOutcome {
+        position: inserted.last_position(),
+    })
 }
 
 /// One transaction of writes. Dropping it without [`UnitOfWork::commit`] rolls everything back.
@@ -120,8 +483,8 @@ pub struct UnitOfWork {
 }
 
 impl UnitOfWork {
-    /// Queues `events` for aggregate `id`, which was loaded at `version`; sequences continue from
-    /// there, so a concurrent writer makes the commit fail with [`StoreError::Conflict`].
+    /// Queues `events` for aggregate `id`, which was loaded at `version` (see
+    /// [`Changes::append`]).
     pub fn append<A: Aggregate>(
         &mut self,
         id: &str,
@@ -129,30 +492,11 @@ impl UnitOfWork {
         events: &[A::Event],
         metadata: &EventMetadata,
     ) -> Result<i64, StoreError> {
-        let meta =
-            serde_json::to_value(metadata.to_map()).map_err(|source| StoreError::Decode {
-                aggregate_type: A::TYPE,
-                source,
-            })?;
-        let mut seq = version;
-        for event in events {
-            seq += 1;
-            let payload = serde_json::to_value(event).map_err(|source| StoreError::Decode {
-                aggregate_type: A::TYPE,
-                source,
-            })?;
-            self.rows.aggregate_type.push(A::TYPE.to_string());
-            self.rows.aggregate_id.push(id.to_string());
-            self.rows.sequence.push(seq);
-            self.rows.event_type.push(event.event_type());
-            self.rows.event_version.push(event.event_version());
-            self.rows.payload.push(payload);
-            self.rows.metadata.push(meta.clone());
-        }
-        Ok(seq)
+        self.rows.append::<A>(id, version, events, metadata)
     }
 
-    /// Takes or releases uniqueness claims for aggregate `(aggregate_type, aggregate_id)`.
+    /// Takes or releases uniqueness claims for aggregate `(aggregate_type, aggregate_id)` now,
+    /// so a taken claim fails at once.
     pub async fn claim(
         &mut self,
         aggregate_type: &str,
@@ -212,42 +556,12 @@ impl UnitOfWork {
 
     /// Writes the queued events in one statement and commits.
     pub async fn commit(mut self) -> Result<CommitOutcome, StoreError> {
-        let position = if self.rows.sequence.is_empty() {
+        let position = if self.rows.is_empty() {
             None
         } else {
-            let r = std::mem::take(&mut self.rows);
-            let row: (i64, i64) = sqlx::query_as(
-                "WITH inserted AS (
-                    INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-                    SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-                    RETURNING transaction_id, global_position)
-                 SELECT pg_current_xact_id()::text::bigint, max(global_position) FROM inserted",
-            )
-            .bind(&r.aggregate_type)
-            .bind(&r.aggregate_id)
-            .bind(&r.sequence)
-            .bind(&r.event_type)
-            .bind(&r.event_version)
-            .bind(&r.payload)
-            .bind(&r.metadata)
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(|e| conflict_or(e, &r))?;
-            Some(LogPosition::from_db(row.0, row.1))
+            insert(&mut *self.tx, &self.rows).await?.last_position()
         };
         self.tx.commit().await?;
         Ok(CommitOutcome { position })
     }
-}
-
-fn conflict_or(error: sqlx::Error, rows: &Rows) -> StoreError {
-    if let sqlx::Error::Database(db) = &error {
-        if db.constraint() == Some("events_pkey") {
-            return StoreError::Conflict {
-                aggregate_type: rows.aggregate_type.first().cloned().unwrap_or_default(),
-                aggregate_id: rows.aggregate_id.first().cloned().unwrap_or_default(),
-            };
-        }
-    }
-    StoreError::Database(error)
 }

@@ -1,13 +1,14 @@
 //! Rookery's Postgres side.
 //!
-//! The `events` table is postgres-es' own plus Rookery's log columns (DESIGN.md §4); aggregates are
-//! read back through postgres-es, and written through [`EventStore`]'s unit of work so that the
-//! events, the uniqueness claims they take and any side rows (credentials) commit together and the
-//! caller learns the version and log position it produced.
+//! The `events` table is postgres-es' own plus Rookery's log columns (DESIGN.md §4). Aggregates
+//! are written through [`EventStore`] — group-committed [`Changes`], or a [`UnitOfWork`] when side
+//! rows (credentials) must commit with them — so that the events and the uniqueness claims they
+//! take commit together and the caller learns the version and log position it produced; what
+//! it writes stays readable by postgres-es (a test proves it).
 //!
 //! # Layout
 //! - [`db`]: connecting (creating the database when missing) and the embedded migrations.
-//! - [`event_store`]: loading aggregates, the unit of work (append + claims), commit outcome.
+//! - [`event_store`]: loading aggregates, group commit, the unit of work (append + claims).
 //! - [`log`]: the global log in commit-safe order, for the relay, rebuilds and replays.
 //! - [`relay`]: the relay's cursor and its single-active advisory lock.
 //! - [`checkpoints`]: projection checkpoints and state.
@@ -23,6 +24,6 @@ pub mod settings;
 pub mod testing;
 
 pub use db::{connect, migrate, DbConfig, MIGRATOR};
-pub use event_store::{Claim, CommitOutcome, EventStore, Loaded, StoreError, UnitOfWork};
+pub use event_store::{Changes, Claim, CommitOutcome, EventStore, Loaded, StoreError, UnitOfWork};
 pub use log::LogEntry;
 pub use sqlx::PgPool;

@@ -101,13 +101,14 @@ pub(crate) async fn register(
             actor: format!("user:{user_id}"),
             meta,
         };
-        let mut tx = Tx::begin(&state, &ctx).await?;
-        tx.stage(&change).await?;
+        let mut tx = Tx::new(&ctx);
+        tx.stage(&change)?;
+        let mut uow = tx.begin(&state).await?;
         sqlx::query("INSERT INTO credentials (user_id, email, password_hash) VALUES ($1, $2, $3)")
             .bind(user_id)
             .bind(&email)
             .bind(&hash)
-            .execute(tx.conn())
+            .execute(uow.tx())
             .await
             .map_err(|e| match &e {
                 // The email claim normally refuses first; this is the table's own guard.
@@ -117,7 +118,7 @@ pub(crate) async fn register(
                 },
                 _ => ApiError::from(e),
             })?;
-        let position = tx.commit().await?;
+        let position = uow.commit().await?.position.map(|p| p.to_string());
         Ok(RegisterResponse { user_id, position })
     })
     .await?;

@@ -153,10 +153,10 @@ pub(crate) async fn create(
                 owner_id: auth.user_id,
             }],
         )?;
-        let mut tx = Tx::begin(&state, &ctx).await?;
-        tx.stage(&community).await?;
-        tx.stage(&owner).await?;
-        let position = tx.commit().await?;
+        let mut tx = Tx::new(&ctx);
+        tx.stage(&community)?;
+        tx.stage(&owner)?;
+        let position = tx.commit(&state).await?;
         Ok(CommandResult {
             version: community.version(),
             id: community.id,
