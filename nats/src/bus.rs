@@ -2,22 +2,30 @@
 
 use crate::config::BusConfig;
 use crate::headers;
+use crate::message::{self, Outgoing};
 use anyhow::{anyhow, bail, Context as _};
 use async_nats::connection::State;
-use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind, PublishAckFuture};
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{HeaderMap, HeaderValue};
+use async_nats::HeaderValue;
 use bytes::Bytes;
-use rookery_events::RecordedEvent;
+use rookery_events::LogPosition;
 use rookery_store::LogEntry;
 use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Publishes awaiting their ack at once. Enough to hide the round trip on a local server
 /// without letting one slow ack hold thousands of messages in memory.
 const PUBLISH_WINDOW: usize = 256;
+/// Acks settled at a time once the window is full, before sending again: one send per settled
+/// ack wakes the publisher once per message, while in slices the server still always has three
+/// quarters of the window queued.
+const SETTLE_SLICE: usize = 64;
 
 /// An unreachable server should fail start-up quickly and say so, not hang.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,11 +87,13 @@ impl Bus {
     /// `<prefix>.<partition>.<aggregate_type>.<event_type>`.
     pub fn subject_for(&self, entry: &LogEntry) -> String {
         let c = &self.inner.config;
-        subject(
+        message::subject(
             &c.subject_prefix,
             entry.partition(c.partitions),
-            &entry.event,
+            &entry.event.aggregate_type,
+            &entry.event.event_type,
         )
+        .to_string()
     }
 
     /// Every subject of one partition: `<prefix>.<partition>.>`.
@@ -95,88 +105,20 @@ impl Bus {
     /// the count returned is how many were newly stored (duplicates of messages already on the
     /// stream, within the duplicate window, count as confirmed but not as stored).
     ///
-    /// Pipelined, and chained with `Nats-Expected-Last-Msg-Id` so the stream keeps log order.
-    /// On an error some leading entries may be stored: publishing them again is safe.
+    /// Pipelined, each message sent while its predecessor is unconfirmed chained to it with
+    /// `Nats-Expected-Last-Msg-Id`, so the stream keeps log order even when a publish is lost
+    /// in a reconnect. On an error some leading entries may be stored: publishing them again is
+    /// safe, as the server checks duplicates before the expectation.
     pub async fn publish_batch(&self, entries: &[LogEntry]) -> Result<u64, anyhow::Error> {
-        let published = self.publish_chain(entries).await;
-        match published.error {
-            Some(err) => Err(err),
-            None => Ok(published.stored),
-        }
-    }
-
-    /// Publishes pipelined (up to [`PUBLISH_WINDOW`] acks outstanding), each message after the
-    /// first chained to its predecessor with `Nats-Expected-Last-Msg-Id`.
-    ///
-    /// The chain keeps the stream in log order even when a publish is lost: a message written
-    /// to a connection that then breaks is gone, while those queued behind it are re-sent on
-    /// the new connection. Unchained, they would be stored ahead of it and the retry would put
-    /// it behind them (and behind later events of its own aggregate); chained, they are
-    /// rejected. The server checks duplicates before the expectation, so a retry of a partly
-    /// stored batch passes as duplicates and continues from the last stored message. Stops at
-    /// the first failure; what was confirmed before it is a prefix the caller may commit.
-    #[tracing::instrument(
-        skip_all,
-        fields(stream = %self.inner.config.stream, events = entries.len())
-    )]
-    pub(crate) async fn publish_chain(&self, entries: &[LogEntry]) -> Published {
-        let mut window: VecDeque<(usize, PublishAckFuture)> =
-            VecDeque::with_capacity(PUBLISH_WINDOW.min(entries.len()));
-        let mut out = Published {
-            confirmed: 0,
-            stored: 0,
-            error: None,
-        };
-        let mut previous: Option<String> = None;
+        let c = &self.inner.config;
+        let mut chain = Chain::new(self);
         for (i, entry) in entries.iter().enumerate() {
-            if window.len() >= PUBLISH_WINDOW {
-                if let Some((j, ack)) = window.pop_front() {
-                    if let Err(err) = out.settle(j, ack, entries).await {
-                        out.error = Some(err);
-                        return out;
-                    }
-                }
-            }
-            let id = entry.event.message_id();
-            let mut headers = headers_for(entry, &id);
-            if let Some(previous) = &previous {
-                headers.insert(headers::EXPECTED_LAST_MSG_ID, header_value(previous));
-            }
-            let payload = match serde_json::to_vec(&entry.event) {
-                Ok(p) => Bytes::from(p),
-                Err(err) => {
-                    out.error = Some(anyhow::Error::new(err).context(format!("encoding {id}")));
-                    return out;
-                }
-            };
-            let sent = self
-                .inner
-                .js
-                .publish_with_headers(self.subject_for(entry), headers, payload)
-                .await
-                .with_context(|| format!("publishing {id} (position {})", entry.event.position));
-            match sent {
-                Ok(ack) => window.push_back((i, ack)),
-                Err(err) => {
-                    // Settle what is already out, so the confirmed prefix is as long as it can be.
-                    while let Some((j, ack)) = window.pop_front() {
-                        if out.settle(j, ack, entries).await.is_err() {
-                            break;
-                        }
-                    }
-                    out.error = Some(err);
-                    return out;
-                }
-            }
-            previous = Some(id);
+            let msg = Outgoing::from_entry(entry, &c.subject_prefix, c.partitions)
+                .with_context(|| format!("encoding {}", entry.event.message_id()))?;
+            chain.send(msg, i + 1 == entries.len()).await?;
         }
-        while let Some((j, ack)) = window.pop_front() {
-            if let Err(err) = out.settle(j, ack, entries).await {
-                out.error = Some(err);
-                break;
-            }
-        }
-        out
+        chain.drain().await?;
+        Ok(chain.stored())
     }
 
     pub async fn stream_state(&self) -> anyhow::Result<StreamState> {
@@ -214,35 +156,161 @@ impl Bus {
     }
 }
 
-/// How far a publish got.
-pub(crate) struct Published {
-    /// `entries[..confirmed]` are on the stream.
-    pub(crate) confirmed: usize,
-    /// Of those, how many were newly stored (not duplicates).
-    pub(crate) stored: u64,
-    /// Why it stopped short, if it did.
-    pub(crate) error: Option<anyhow::Error>,
+/// Publishes events in log order, pipelined: up to [`PUBLISH_WINDOW`] acks outstanding, also
+/// across the batches a caller feeds it, so the server never waits for the next batch's
+/// first message while the previous one's acks drain.
+///
+/// Each message sent while an earlier one is unconfirmed is chained to its predecessor with
+/// `Nats-Expected-Last-Msg-Id`. The chain keeps the stream in log order even when a publish is
+/// lost: a message written to a connection that then breaks is gone, while those queued behind
+/// it are re-sent on the new connection. Unchained, they would be stored ahead of it and the
+/// retry would put it behind them (and behind later events of its own aggregate); chained, they
+/// are rejected. A message sent when everything before it is confirmed needs no link: nothing
+/// before it can still be lost. The server checks duplicates before the expectation, so
+/// re-publishing what the stream already holds (after a crash, from a cursor that lagged behind
+/// the acks) passes as duplicates and the chain continues from the last stored message.
+///
+/// Stops at the first failure: what was confirmed before it is a prefix the caller may commit;
+/// the chain itself is then spent (later messages were chained to the failed one), and the
+/// caller starts a new one after the confirmed prefix.
+pub(crate) struct Chain {
+    js: jetstream::Context,
+    window: VecDeque<InFlight>,
+    /// Everything up to here is on the stream.
+    confirmed: Option<LogPosition>,
+    /// The last confirmed message that ended a batch: a cursor worth saving.
+    checkpoint: Option<LogPosition>,
+    confirmed_count: u64,
+    stored_count: u64,
+    /// Of `stored_count`, how many are at or before `checkpoint`.
+    stored_at_checkpoint: u64,
 }
 
-impl Published {
-    /// Awaits the ack of `entries[index]`, the oldest outstanding one.
-    async fn settle(
-        &mut self,
-        index: usize,
-        ack: PublishAckFuture,
-        entries: &[LogEntry],
-    ) -> anyhow::Result<()> {
-        let event = &entries[index].event;
-        let ack = ack.await.with_context(|| {
+type AckFuture =
+    Pin<Box<dyn Future<Output = Result<PublishAck, jetstream::context::PublishError>> + Send>>;
+
+struct InFlight {
+    position: LogPosition,
+    id: String,
+    ends_batch: bool,
+    ack: AckFuture,
+}
+
+impl Chain {
+    pub(crate) fn new(bus: &Bus) -> Self {
+        Self {
+            js: bus.inner.js.clone(),
+            window: VecDeque::with_capacity(PUBLISH_WINDOW),
+            confirmed: None,
+            checkpoint: None,
+            confirmed_count: 0,
+            stored_count: 0,
+            stored_at_checkpoint: 0,
+        }
+    }
+
+    /// Sends `msg` (the next event in log order), first waiting for the oldest ack when the
+    /// window is full. `ends_batch` marks it as a [`Chain::checkpoint`] once confirmed.
+    pub(crate) async fn send(&mut self, msg: Outgoing, ends_batch: bool) -> anyhow::Result<()> {
+        if self.window.len() >= PUBLISH_WINDOW {
+            while self.window.len() > PUBLISH_WINDOW - SETTLE_SLICE {
+                self.settle_one().await?;
+            }
+        }
+        let Outgoing {
+            position,
+            id,
+            subject,
+            mut headers,
+            payload,
+        } = msg;
+        if let Some(previous) = self.window.back() {
+            headers.insert(
+                headers::EXPECTED_LAST_MSG_ID,
+                HeaderValue::from(previous.id.as_str()),
+            );
+        }
+        let sent = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .with_context(|| format!("publishing {id} (position {position})"));
+        match sent {
+            Ok(ack) => {
+                self.window.push_back(InFlight {
+                    position,
+                    id,
+                    ends_batch,
+                    ack: ack.into_future(),
+                });
+                Ok(())
+            }
+            Err(err) => {
+                // Settle what is already out, so the confirmed prefix is as long as it can be.
+                let _ = self.drain().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Waits for the oldest outstanding ack (none: returns at once). Cancel-safe: the ack stays
+    /// in the window until it has arrived.
+    pub(crate) async fn settle_one(&mut self) -> anyhow::Result<()> {
+        let Some(oldest) = self.window.front_mut() else {
+            return Ok(());
+        };
+        let result = (&mut oldest.ack).await;
+        let Some(done) = self.window.pop_front() else {
+            return Ok(());
+        };
+        let ack = result.with_context(|| {
             format!(
                 "JetStream did not confirm {} (position {})",
-                event.message_id(),
-                event.position
+                done.id, done.position
             )
         })?;
-        self.confirmed = index + 1;
-        self.stored += u64::from(!ack.duplicate);
+        self.confirmed = Some(done.position);
+        self.confirmed_count += 1;
+        self.stored_count += u64::from(!ack.duplicate);
+        if done.ends_batch {
+            self.checkpoint = Some(done.position);
+            self.stored_at_checkpoint = self.stored_count;
+        }
         Ok(())
+    }
+
+    /// Waits for every outstanding ack.
+    pub(crate) async fn drain(&mut self) -> anyhow::Result<()> {
+        while !self.window.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Acks still outstanding.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.window.len()
+    }
+
+    /// The last event confirmed on the stream (with everything before it).
+    pub(crate) fn confirmed(&self) -> Option<LogPosition> {
+        self.confirmed
+    }
+
+    /// The last confirmed event that ended a batch, and how many events up to it were newly
+    /// stored.
+    pub(crate) fn checkpoint(&self) -> Option<(LogPosition, u64)> {
+        self.checkpoint.map(|p| (p, self.stored_at_checkpoint))
+    }
+
+    /// Events confirmed, duplicates included.
+    pub(crate) fn confirmed_count(&self) -> u64 {
+        self.confirmed_count
+    }
+
+    /// Events newly stored (duplicates not counted).
+    pub(crate) fn stored(&self) -> u64 {
+        self.stored_count
     }
 }
 
@@ -284,53 +352,9 @@ fn is_token(s: &str) -> bool {
 /// One subject token from free text: the characters NATS gives meaning to (`.` separates
 /// tokens, `*` and `>` are wildcards, whitespace ends the subject) become `_`.
 pub fn subject_token(s: &str) -> String {
-    if s.is_empty() {
-        return "_".to_string();
-    }
-    s.chars()
-        .map(|c| match c {
-            '.' | '*' | '>' => '_',
-            c if c.is_whitespace() || c.is_control() => '_',
-            c => c,
-        })
-        .collect()
-}
-
-pub(crate) fn subject(prefix: &str, partition: u32, event: &RecordedEvent) -> String {
-    format!(
-        "{prefix}.{partition}.{}.{}",
-        subject_token(&event.aggregate_type),
-        subject_token(&event.event_type)
-    )
-}
-
-/// NATS header values cannot carry line breaks (the client panics on them).
-fn header_value(s: &str) -> HeaderValue {
-    if s.contains(['\r', '\n']) {
-        HeaderValue::from(s.replace(['\r', '\n'], " "))
-    } else {
-        HeaderValue::from(s)
-    }
-}
-
-fn headers_for(entry: &LogEntry, message_id: &str) -> HeaderMap {
-    let e = &entry.event;
-    let mut h = HeaderMap::new();
-    h.insert(headers::MSG_ID, header_value(message_id));
-    h.insert(headers::POSITION, HeaderValue::from(e.position.to_string()));
-    h.insert(headers::AGGREGATE_TYPE, header_value(&e.aggregate_type));
-    h.insert(headers::AGGREGATE_ID, header_value(&e.aggregate_id));
-    h.insert(headers::SEQUENCE, HeaderValue::from(e.sequence));
-    h.insert(headers::EVENT_TYPE, header_value(&e.event_type));
-    h.insert(
-        headers::RECORDED_AT,
-        HeaderValue::from(
-            entry
-                .recorded_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        ),
-    );
-    h
+    let mut token = String::with_capacity(s.len().max(1));
+    message::push_token(&mut token, s);
+    token
 }
 
 fn is_stream_not_found(kind: &GetStreamErrorKind) -> bool {

@@ -51,7 +51,10 @@ impl BusConfig {
 /// How the relay tails the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// Events read and published per batch.
+    /// Most events read per query. A caught-up relay reads what has committed since its last
+    /// read, usually far fewer; the size matters when catching up, where each batch costs a
+    /// read round trip and (for [`crate::Relay::relay_once`]) an ack drain and a cursor save.
+    /// A built message takes about 1.5 KB, and a catching-up relay holds a few batches at once.
     pub batch_size: i64,
     /// Fallback poll when no NOTIFY arrives: an event held back behind an older in-flight
     /// transaction becomes readable when that transaction ends, which may send no notification.
@@ -63,7 +66,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 1000,
+            batch_size: 2000,
             poll_interval: Duration::from_millis(100),
             standby_retry: Duration::from_secs(1),
         }

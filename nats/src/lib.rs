@@ -8,15 +8,17 @@
 //!
 //! Guarantees this crate provides (DESIGN.md §3):
 //! - **No lost events**: the relay reads the log in commit-safe order and stores its cursor only
-//!   after JetStream acknowledged everything up to it.
+//!   after JetStream acknowledged everything up to it (a cursor left behind only means
+//!   re-publishing, which the stream de-duplicates).
 //! - **Effectively once** on the bus: every message carries `Nats-Msg-Id =
 //!   aggregate_type/aggregate_id/sequence`, so re-publishing after a crash is de-duplicated
 //!   within the stream's duplicate window.
 //! - **Order**: the stream holds the relayed events in log order (so each aggregate's in
-//!   sequence order). Publishes are pipelined, each chained to its predecessor with
-//!   `Nats-Expected-Last-Msg-Id`, so a publish lost in a reconnect cannot be overtaken. A
-//!   partition consumer is recreated at the projection's checkpoint rather than resumed, so
-//!   nothing left unacked by a crashed worker arrives behind newer messages.
+//!   sequence order). Publishes are pipelined, and each one sent while its predecessor is
+//!   unconfirmed is chained to it with `Nats-Expected-Last-Msg-Id`, so a publish lost in a
+//!   reconnect cannot be overtaken. A partition consumer is recreated at the projection's
+//!   checkpoint rather than resumed, so nothing left unacked by a crashed worker arrives behind
+//!   newer messages.
 //!
 //! # Layout
 //! - [`config`]: [`BusConfig`] and [`RelayConfig`] with their defaults.
@@ -24,13 +26,17 @@
 //!   subjects, the pipelined [`Bus::publish_batch`], stream state.
 //! - [`consumer`]: per-partition durable pull consumers, [`Delivery`], [`ack_all`], and the
 //!   [`Bus::fetch_all`] diagnostic reader.
-//! - [`relay`]: [`Relay`]: standby/active via the Postgres advisory lock, LISTEN/NOTIFY with a
-//!   polling fallback, backoff and retry from the stored cursor.
+//! - [`relay`]: [`Relay`]: standby/active via the Postgres advisory lock, a reader reading ahead
+//!   (LISTEN/NOTIFY with a polling fallback), one publish window across batches, the cursor
+//!   saved behind the acks, backoff and retry.
+//! - `message` (private): a log row as a bus message: subject, headers, and the body spliced
+//!   from Postgres' JSON text.
 //! - [`headers`]: the header names every message carries.
 
 pub mod bus;
 pub mod config;
 pub mod consumer;
+mod message;
 pub mod relay;
 
 pub use bus::{subject_token, Bus, StreamState};
@@ -50,7 +56,7 @@ pub mod headers {
     pub const EVENT_TYPE: &str = "Rookery-Event-Type";
     /// When Postgres recorded the event (RFC 3339), for lag in seconds.
     pub const RECORDED_AT: &str = "Rookery-Recorded-At";
-    /// Set by the relay on every message of a batch but the first: the previous message's id,
-    /// which must be the stream's last (see [`crate::Bus::publish_batch`]).
+    /// Set by the relay on every message sent while the one before it is unconfirmed: that
+    /// message's id, which must be the stream's last (see [`crate::Bus::publish_batch`]).
     pub const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 }

@@ -1,21 +1,32 @@
 //! The relay: tails the Postgres log in commit-safe order and publishes it to the stream.
 //!
-//! Its cursor is stored in Postgres only after JetStream acknowledged everything up to it, so
-//! a crash at any instant at worst re-publishes a batch, which the stream de-duplicates by
-//! `Nats-Msg-Id`. One relay per stream is active at a time (an advisory lock); others stand by.
+//! While active it runs three things at once, so that neither Postgres nor NATS waits for the
+//! other: a reader reads the next batches ahead (each read only needs the previous batch's last
+//! position), the publisher keeps one window of pipelined publishes open across batch
+//! boundaries (see `bus::Chain`), and a saver stores the cursor behind them.
+//!
+//! The cursor is stored only after JetStream acknowledged everything up to it, so a crash at
+//! any instant at worst leaves it behind what the stream holds; the next relay re-publishes from
+//! there and the stream de-duplicates by `Nats-Msg-Id`. One relay per stream is active at a
+//! time (an advisory lock); others stand by.
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Chain};
 use crate::config::RelayConfig;
-use anyhow::Context as _;
+use crate::message::Outgoing;
+use anyhow::{anyhow, Context as _};
 use rookery_events::LogPosition;
-use rookery_store::log::read_committed;
+use rookery_store::log::read_committed_raw;
 use rookery_store::relay::{load_cursor, save_cursor, RelayLock};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 /// The channel the `events` insert trigger notifies at commit.
@@ -28,21 +39,28 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const LOCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How soon to retry LISTEN after losing it; meanwhile the relay polls.
 const LISTEN_RETRY: Duration = Duration::from_secs(5);
+/// Batches read ahead of the one being published: one hides the read, a second absorbs a slow
+/// one, more would only hold memory.
+const READ_AHEAD: usize = 2;
+/// How long a relay that stops (or loses its lock) still tries to store its last cursor. Not
+/// storing it only means re-publishing duplicates later, so this never holds a shutdown long.
+const FINAL_SAVE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Live figures for status and metrics.
 #[derive(Debug, Default)]
 pub struct RelayStats {
     /// Events newly stored on the stream (duplicates of earlier attempts not counted).
     pub published_total: AtomicU64,
-    /// Events confirmed on the stream, duplicates included: how far the cursor moved.
+    /// Events confirmed on the stream, duplicates included.
     pub relayed_total: AtomicU64,
     pub cursor_txid: AtomicU64,
     pub cursor_gpos: AtomicI64,
     /// This relay holds the lock and is publishing.
     pub active: AtomicBool,
-    /// When the last batch finished (also an empty one: a caught-up relay is still alive).
+    /// When the last batch was confirmed, or the log last read empty (a caught-up relay is
+    /// still alive).
     pub last_batch_unix_ms: AtomicI64,
-    /// Batches that stopped short (a publish or Postgres failed); retried automatically.
+    /// Times publishing stopped short (a publish or Postgres failed); retried automatically.
     pub failed_batches: AtomicU64,
 }
 
@@ -67,23 +85,33 @@ pub struct Relay {
     bus: Bus,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    /// [`Relay::relay_once`]'s read of the batch after the one it published, so a caller that
+    /// loops over it reads and publishes at the same time.
+    ahead: Mutex<Option<ReadAhead>>,
 }
 
-/// What one batch did.
-struct Batch {
-    /// Events read from the log.
-    read: usize,
-    /// Events confirmed on the stream (all of `read` unless `error`).
-    relayed: usize,
-    /// The cursor after the batch (saved when anything was relayed).
-    cursor: LogPosition,
-    /// Why publishing stopped short; the confirmed prefix is saved regardless.
-    error: Option<anyhow::Error>,
+struct ReadAhead {
+    after: LogPosition,
+    batch: AbortOnDrop<anyhow::Result<Vec<Outgoing>>>,
 }
 
 enum Leadership {
     Shutdown,
     LockLost,
+}
+
+/// Why [`Relay::pump`] stopped (it never stops on its own otherwise).
+enum Stop {
+    LockLost,
+    Failed(anyhow::Error),
+}
+
+struct Pumped {
+    stop: Stop,
+    /// The last event confirmed on the stream, when this pump confirmed any.
+    confirmed: Option<LogPosition>,
+    /// Handed back by the reader for the next pump.
+    listener: Option<PgListener>,
 }
 
 impl Relay {
@@ -93,6 +121,7 @@ impl Relay {
             bus,
             config,
             stats: Arc::new(RelayStats::default()),
+            ahead: Mutex::new(None),
         }
     }
 
@@ -101,8 +130,8 @@ impl Relay {
     }
 
     /// Runs until `shutdown` completes: stands by until it holds the relay lock, then relays.
-    /// A batch in flight at shutdown is dropped before its cursor is saved, which is safe: the
-    /// next relay re-publishes it and the stream de-duplicates.
+    /// Publishes in flight at shutdown are dropped before their cursor is saved, which is safe:
+    /// the next relay re-publishes them and the stream de-duplicates.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         let stream = self.bus.config().stream.clone();
@@ -113,12 +142,15 @@ impl Relay {
             };
             tracing::info!(stream = %stream, "relay active");
             self.stats.active.store(true, Ordering::SeqCst);
+            let saver = CursorSaver::spawn(self.pool.clone(), stream.clone(), self.stats.clone());
             let end = tokio::select! {
                 _ = &mut shutdown => Leadership::Shutdown,
-                end = self.lead(&mut lock) => end,
+                end = self.lead(&mut lock, &saver) => end,
             };
             // Cleared before the lock goes, so two relays never both report active.
             self.stats.active.store(false, Ordering::SeqCst);
+            // Still under the lock, so a successor starts from the latest cursor.
+            saver.finish(FINAL_SAVE_LIMIT).await;
             lock.release(&stream).await;
             match end {
                 Leadership::Shutdown => {
@@ -132,18 +164,74 @@ impl Relay {
         }
     }
 
-    /// One batch from the stored cursor, without the lock (tests and benchmarks). Returns how
-    /// many events it relayed (confirmed on the stream, duplicates included); 0 when caught up.
+    /// One batch from the stored cursor, without the lock (tests and benchmarks): returns once
+    /// the batch is confirmed on the stream and the cursor stored. Returns how many events it
+    /// relayed (duplicates included); 0 when caught up. It also starts reading the next batch,
+    /// which the next call uses if the stored cursor is still where this one left it.
     pub async fn relay_once(&self) -> anyhow::Result<u64> {
-        let cursor = load_cursor(&self.pool, &self.bus.config().stream)
+        let stream = &self.bus.config().stream;
+        let cursor = load_cursor(&self.pool, stream)
             .await
             .context("loading the relay cursor")?;
         self.stats.set_cursor(cursor);
-        let batch = self.relay_batch(cursor).await?;
-        match batch.error {
-            Some(err) => Err(err),
-            None => Ok(batch.relayed as u64),
+        let ahead = self
+            .ahead
+            .lock()
+            .ok()
+            .and_then(|mut ahead| ahead.take())
+            .filter(|ahead| ahead.after == cursor);
+        let batch = match ahead {
+            // A read-ahead that found nothing may be stale; read again rather than report
+            // "caught up" from it.
+            Some(ahead) => match ahead.batch.await {
+                Ok(Ok(batch)) if !batch.is_empty() => batch,
+                _ => self.read(cursor).await?,
+            },
+            None => self.read(cursor).await?,
+        };
+        if batch.len() as i64 >= self.config.batch_size {
+            if let Some(last) = batch.last() {
+                self.read_ahead(last.position);
+            }
         }
+
+        let mut chain = Chain::new(&self.bus);
+        let mut published = self.publish(&mut chain, cursor, batch).await;
+        if published.is_ok() {
+            published = chain.drain().await;
+        }
+        if let Some(last) = chain.confirmed() {
+            save_cursor(&self.pool, stream, last, chain.stored() as i64)
+                .await
+                .context("saving the relay cursor")?;
+            self.stats.set_cursor(last);
+            self.stats
+                .published_total
+                .fetch_add(chain.stored(), Ordering::Relaxed);
+            self.stats
+                .relayed_total
+                .fetch_add(chain.confirmed_count(), Ordering::Relaxed);
+        }
+        published?;
+        self.stats
+            .last_batch_unix_ms
+            .store(now_ms(), Ordering::Relaxed);
+        Ok(chain.confirmed_count())
+    }
+
+    /// Starts reading the batch after `after` for the next [`Relay::relay_once`].
+    fn read_ahead(&self, after: LogPosition) {
+        let (pool, bus, limit) = (self.pool.clone(), self.bus.clone(), self.config.batch_size);
+        let batch = AbortOnDrop(tokio::spawn(async move {
+            read_batch(&pool, &bus, after, limit).await
+        }));
+        if let Ok(mut ahead) = self.ahead.lock() {
+            *ahead = Some(ReadAhead { after, batch });
+        }
+    }
+
+    async fn read(&self, after: LogPosition) -> anyhow::Result<Vec<Outgoing>> {
+        read_batch(&self.pool, &self.bus, after, self.config.batch_size).await
     }
 
     /// Retries until this relay holds the lock; says once that it is standing by.
@@ -165,12 +253,12 @@ impl Relay {
         }
     }
 
-    /// Relays while the lock is held. Errors are logged and retried from the stored cursor
-    /// with backoff, never returned: the relay must outlive Postgres and NATS restarts.
-    async fn lead(&self, lock: &mut RelayLock) -> Leadership {
+    /// Relays while the lock is held. Errors are logged and retried with backoff, never
+    /// returned: the relay must outlive Postgres and NATS restarts.
+    async fn lead(&self, lock: &mut RelayLock, saver: &CursorSaver) -> Leadership {
+        let stream = &self.bus.config().stream;
         let mut listener = listen(&self.pool).await;
-        let mut listen_retry_at = Instant::now() + LISTEN_RETRY;
-        let mut cursor: Option<LogPosition> = None;
+        let mut from: Option<LogPosition> = None;
         let mut backoff = MIN_BACKOFF;
         let mut lock_check_due = Instant::now() + LOCK_CHECK_INTERVAL;
         loop {
@@ -180,151 +268,382 @@ impl Relay {
                 }
                 lock_check_due = Instant::now() + LOCK_CHECK_INTERVAL;
             }
-            let result = match cursor {
-                Some(c) => self.relay_batch(c).await,
-                None => match load_cursor(&self.pool, &self.bus.config().stream).await {
-                    Ok(c) => {
-                        self.stats.set_cursor(c);
-                        self.relay_batch(c).await
+            let start = match from {
+                Some(position) => position,
+                None => match load_cursor(&self.pool, stream).await {
+                    Ok(cursor) => {
+                        self.stats.set_cursor(cursor);
+                        cursor
                     }
-                    Err(err) => Err(anyhow::Error::new(err).context("loading the relay cursor")),
-                },
-            };
-            match result {
-                Ok(Batch {
-                    read,
-                    relayed,
-                    cursor: next,
-                    error: None,
-                }) => {
-                    debug_assert_eq!(read, relayed);
-                    backoff = MIN_BACKOFF;
-                    cursor = Some(next);
-                    if read as i64 >= self.config.batch_size {
+                    Err(err) => {
+                        let err = anyhow::Error::new(err).context("loading the relay cursor");
+                        self.back_off(&err, &mut backoff).await;
+                        lock_check_due = Instant::now();
                         continue;
                     }
-                }
-                // Part of the batch is on the stream and its cursor saved: carry on from there
-                // at once. Each such retry makes progress, so this cannot spin.
-                Ok(Batch {
-                    relayed,
-                    cursor: next,
-                    error: Some(err),
-                    ..
-                }) if relayed > 0 => {
+                },
+            };
+            let pumped = self
+                .pump(start, listener.take(), lock, saver, &mut lock_check_due)
+                .await;
+            listener = pumped.listener;
+            match (pumped.stop, pumped.confirmed) {
+                (Stop::LockLost, _) => return Leadership::LockLost,
+                // Part of the log went out and is being saved: carry on after it at once. Each
+                // such retry makes progress, so this cannot spin.
+                (Stop::Failed(err), Some(confirmed)) if confirmed > start => {
                     self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
-                        stream = %self.bus.config().stream,
-                        relayed,
+                        stream = %stream,
+                        confirmed = %confirmed,
                         error = format!("{err:#}"),
-                        "relay batch published in part; continuing after the confirmed events"
+                        "relay published in part; continuing after the confirmed events"
                     );
                     backoff = MIN_BACKOFF;
-                    cursor = Some(next);
-                    continue;
+                    from = Some(confirmed);
                 }
-                Ok(Batch {
-                    error: Some(err), ..
-                })
-                | Err(err) => {
-                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        stream = %self.bus.config().stream,
-                        error = format!("{err:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "relay batch failed; retrying from the stored cursor"
-                    );
-                    cursor = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                (Stop::Failed(err), _) => {
+                    self.back_off(&err, &mut backoff).await;
+                    from = None;
                     // A failure may mean Postgres went away, and the lock with it.
                     lock_check_due = Instant::now();
-                    continue;
                 }
             }
-            if listener.is_none() && Instant::now() >= listen_retry_at {
-                listener = listen(&self.pool).await;
-                listen_retry_at = Instant::now() + LISTEN_RETRY;
-            }
-            self.wait_for_events(&mut listener).await;
         }
     }
 
-    /// Waits for a NOTIFY or the poll interval, whichever comes first.
-    async fn wait_for_events(&self, listener: &mut Option<PgListener>) {
-        let poll = tokio::time::sleep(self.config.poll_interval);
-        match listener {
-            Some(l) => {
-                tokio::select! {
-                    received = l.recv() => {
-                        if let Err(err) = received {
-                            tracing::warn!(error = %err, "lost LISTEN {NOTIFY_CHANNEL}; polling");
-                            *listener = None;
-                        }
+    async fn back_off(&self, err: &anyhow::Error, backoff: &mut Duration) {
+        self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            stream = %self.bus.config().stream,
+            error = format!("{err:#}"),
+            retry_in_ms = backoff.as_millis() as u64,
+            "relay failed; retrying from the stored cursor"
+        );
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Publishes the log from `start` as the reader delivers it, until a failure or the loss of
+    /// the lock. Confirmed batches go to the saver as they complete; on a failure, so does the
+    /// confirmed part of the last one.
+    async fn pump(
+        &self,
+        start: LogPosition,
+        listener: Option<PgListener>,
+        lock: &mut RelayLock,
+        saver: &CursorSaver,
+        lock_check_due: &mut Instant,
+    ) -> Pumped {
+        let (tx, mut rx) = mpsc::channel(READ_AHEAD);
+        let reader = AbortOnDrop(tokio::spawn(read_ahead(
+            self.pool.clone(),
+            self.bus.clone(),
+            self.config.clone(),
+            self.stats.clone(),
+            start,
+            tx,
+            listener,
+        )));
+        let mut chain = Chain::new(&self.bus);
+        let mut reported = Reported::default();
+        let mut after = start;
+        let stop = loop {
+            // Batches take precedence over acks: while the log keeps coming, acks are settled
+            // as the window fills; once it stops, the rest are settled here.
+            let step = tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(*lock_check_due) => Step::CheckLock,
+                batch = rx.recv() => Step::Batch(batch),
+                settled = chain.settle_one(), if chain.outstanding() > 0 => Step::Settled(settled),
+            };
+            let result = match step {
+                Step::CheckLock => {
+                    if !lock.is_held().await {
+                        break Stop::LockLost;
                     }
-                    _ = poll => {}
+                    *lock_check_due = Instant::now() + LOCK_CHECK_INTERVAL;
+                    Ok(())
                 }
+                Step::Batch(Some(Ok(batch))) => {
+                    let next = batch.last().map(|last| last.position);
+                    let published = self.publish(&mut chain, after, batch).await;
+                    after = next.unwrap_or(after);
+                    published
+                }
+                Step::Batch(Some(Err(err))) => Err(err),
+                Step::Batch(None) => Err(anyhow!("the relay's log reader stopped")),
+                Step::Settled(settled) => settled,
+            };
+            self.report(&chain, &mut reported, saver);
+            if let Err(err) = result {
+                break Stop::Failed(err);
             }
-            None => poll.await,
+        };
+        if let Some(confirmed) = chain.confirmed() {
+            if Some(confirmed) != reported.saved {
+                saver.save(confirmed, chain.stored() - reported.stored_saved);
+            }
+        }
+        // The reader notices the closed channel and hands its listener back.
+        drop(rx);
+        let listener = reader.await.ok().flatten();
+        Pumped {
+            stop,
+            confirmed: chain.confirmed(),
+            listener,
         }
     }
 
-    /// Reads a batch after `cursor`, publishes it, and saves the cursor after the last event
-    /// JetStream confirmed. `Err` only when Postgres fails; a publish failure is reported in
-    /// [`Batch::error`] after saving the confirmed prefix.
+    /// Moves the stats on and hands a newly confirmed batch end to the saver.
+    fn report(&self, chain: &Chain, reported: &mut Reported, saver: &CursorSaver) {
+        let confirmed = chain.confirmed_count();
+        let stored = chain.stored();
+        self.stats
+            .relayed_total
+            .fetch_add(confirmed - reported.confirmed, Ordering::Relaxed);
+        self.stats
+            .published_total
+            .fetch_add(stored - reported.stored, Ordering::Relaxed);
+        reported.confirmed = confirmed;
+        reported.stored = stored;
+        if let Some((checkpoint, stored_then)) = chain.checkpoint() {
+            if Some(checkpoint) != reported.saved {
+                saver.save(checkpoint, stored_then - reported.stored_saved);
+                reported.saved = Some(checkpoint);
+                reported.stored_saved = stored_then;
+                self.stats
+                    .last_batch_unix_ms
+                    .store(now_ms(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends one batch read after `after` into the chain (acks settle as the window fills).
     #[tracing::instrument(
         skip_all,
-        fields(stream = %self.bus.config().stream, after = %cursor, events, stored)
+        fields(stream = %self.bus.config().stream, after = %after, events = batch.len())
     )]
-    async fn relay_batch(&self, cursor: LogPosition) -> anyhow::Result<Batch> {
-        let entries = read_committed(&self.pool, cursor, self.config.batch_size)
-            .await
-            .context("reading committed events")?;
-        let span = tracing::Span::current();
-        span.record("events", entries.len());
-        let published = self.bus.publish_chain(&entries).await;
-        span.record("stored", published.stored);
-        let mut next = cursor;
-        if let Some(last) = published
-            .confirmed
-            .checked_sub(1)
-            .map(|i| entries[i].event.position)
-        {
-            save_cursor(
-                &self.pool,
-                &self.bus.config().stream,
-                last,
-                published.stored as i64,
-            )
-            .await
-            .context("saving the relay cursor")?;
-            self.stats.set_cursor(last);
-            self.stats
-                .published_total
-                .fetch_add(published.stored, Ordering::Relaxed);
-            self.stats
-                .relayed_total
-                .fetch_add(published.confirmed as u64, Ordering::Relaxed);
-            next = last;
-        }
-        if published.error.is_none() {
-            self.stats
-                .last_batch_unix_ms
-                .store(now_ms(), Ordering::Relaxed);
+    async fn publish(
+        &self,
+        chain: &mut Chain,
+        after: LogPosition,
+        batch: Vec<Outgoing>,
+    ) -> anyhow::Result<()> {
+        let last = batch.len().saturating_sub(1);
+        for (i, msg) in batch.into_iter().enumerate() {
+            chain.send(msg, i == last).await?;
         }
         tracing::debug!(
-            events = entries.len(),
-            relayed = published.confirmed,
-            stored = published.stored,
-            cursor = %next,
-            "relay batch"
+            confirmed = chain.confirmed_count(),
+            outstanding = chain.outstanding(),
+            "relay batch sent"
         );
-        Ok(Batch {
-            read: entries.len(),
-            relayed: published.confirmed,
-            cursor: next,
-            error: published.error,
+        Ok(())
+    }
+}
+
+enum Step {
+    CheckLock,
+    Batch(Option<anyhow::Result<Vec<Outgoing>>>),
+    Settled(anyhow::Result<()>),
+}
+
+/// What [`Relay::report`] has passed on so far, in one pump's chain.
+#[derive(Default)]
+struct Reported {
+    confirmed: u64,
+    stored: u64,
+    saved: Option<LogPosition>,
+    stored_saved: u64,
+}
+
+/// Up to `limit` committed events after `after`, as messages.
+async fn read_batch(
+    pool: &PgPool,
+    bus: &Bus,
+    after: LogPosition,
+    limit: i64,
+) -> anyhow::Result<Vec<Outgoing>> {
+    let config = bus.config();
+    // Each message is built from the row as it arrives, borrowing its text.
+    let messages = read_committed_raw(pool, after, limit, |entry| {
+        Outgoing::from_raw(entry, &config.subject_prefix, config.partitions)
+            .map_err(|err| (entry.position, err))
+    })
+    .await
+    .context("reading committed events")?;
+    messages
+        .into_iter()
+        .map(|msg| {
+            msg.map_err(|(position, err)| {
+                anyhow!(err).context(format!("encoding the event at {position}"))
+            })
         })
+        .collect()
+}
+
+/// The reader: reads the log from `after` batch by batch into `batches`, waiting for a NOTIFY
+/// or the poll interval whenever it has caught up. Stops at the first error (sent on) or when
+/// the publisher drops its end, and hands back the listener.
+async fn read_ahead(
+    pool: PgPool,
+    bus: Bus,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+    mut after: LogPosition,
+    batches: mpsc::Sender<anyhow::Result<Vec<Outgoing>>>,
+    mut listener: Option<PgListener>,
+) -> Option<PgListener> {
+    let mut listen_retry_at = Instant::now() + LISTEN_RETRY;
+    loop {
+        let read = tokio::select! {
+            _ = batches.closed() => return listener,
+            read = read_batch(&pool, &bus, after, config.batch_size) => read,
+        };
+        let batch = match read {
+            Ok(batch) => batch,
+            Err(err) => {
+                let _ = batches.send(Err(err)).await;
+                return listener;
+            }
+        };
+        let full = batch.len() as i64 >= config.batch_size;
+        match batch.last() {
+            Some(last) => {
+                after = last.position;
+                if batches.send(Ok(batch)).await.is_err() {
+                    return listener;
+                }
+            }
+            None => stats.last_batch_unix_ms.store(now_ms(), Ordering::Relaxed),
+        }
+        if full {
+            continue;
+        }
+        if listener.is_none() && Instant::now() >= listen_retry_at {
+            listener = listen(&pool).await;
+            listen_retry_at = Instant::now() + LISTEN_RETRY;
+        }
+        tokio::select! {
+            _ = batches.closed() => return listener,
+            _ = wait_for_events(&mut listener, config.poll_interval) => {}
+        }
+    }
+}
+
+/// Waits for a NOTIFY or the poll interval, whichever comes first.
+async fn wait_for_events(listener: &mut Option<PgListener>, poll_interval: Duration) {
+    let poll = tokio::time::sleep(poll_interval);
+    match listener {
+        Some(l) => {
+            tokio::select! {
+                received = l.recv() => {
+                    if let Err(err) = received {
+                        tracing::warn!(error = %err, "lost LISTEN {NOTIFY_CHANNEL}; polling");
+                        *listener = None;
+                    }
+                }
+                _ = poll => {}
+            }
+        }
+        None => poll.await,
+    }
+}
+
+/// Stores the cursor behind the publisher, which never waits for it: only the latest
+/// confirmed position handed over matters, and positions handed over while a save runs are
+/// folded into the next one. Leaving the cursor behind the acks is always safe (re-publishing
+/// is de-duplicated); saving it ahead of them never happens, because only confirmed positions
+/// are handed over.
+struct CursorSaver {
+    latest: watch::Sender<Pending>,
+    task: AbortOnDrop<()>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Pending {
+    position: Option<LogPosition>,
+    /// Events newly stored on the stream up to `position`, since this saver started.
+    stored: u64,
+}
+
+impl CursorSaver {
+    fn spawn(pool: PgPool, stream: String, stats: Arc<RelayStats>) -> Self {
+        let (latest, pending) = watch::channel(Pending::default());
+        let task = AbortOnDrop(tokio::spawn(save_latest(pool, stream, stats, pending)));
+        Self { latest, task }
+    }
+
+    /// `position` is confirmed on the stream, with `stored` more events newly stored since
+    /// the last position handed over.
+    fn save(&self, position: LogPosition, stored: u64) {
+        self.latest.send_modify(|pending| {
+            pending.position = Some(position);
+            pending.stored += stored;
+        });
+    }
+
+    /// Lets the last save finish, for at most `limit`.
+    async fn finish(self, limit: Duration) {
+        let Self { latest, task } = self;
+        drop(latest);
+        let _ = tokio::time::timeout(limit, task).await;
+    }
+}
+
+async fn save_latest(
+    pool: PgPool,
+    stream: String,
+    stats: Arc<RelayStats>,
+    mut pending: watch::Receiver<Pending>,
+) {
+    let mut saved_stored = 0u64;
+    let mut backoff = MIN_BACKOFF;
+    // Ends once the relay dropped its end and the last position is saved (or the relay gave
+    // up waiting and aborted this task).
+    while pending.changed().await.is_ok() {
+        let Pending { position, stored } = *pending.borrow_and_update();
+        let Some(position) = position else { continue };
+        let published = i64::try_from(stored - saved_stored).unwrap_or(i64::MAX);
+        match save_cursor(&pool, &stream, position, published).await {
+            Ok(()) => {
+                saved_stored = stored;
+                stats.set_cursor(position);
+                backoff = MIN_BACKOFF;
+            }
+            Err(err) => {
+                tracing::warn!(
+                    stream = %stream,
+                    cursor = %position,
+                    error = %err,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "could not save the relay cursor; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                // Retry with whatever is latest by then.
+                pending.mark_changed();
+            }
+        }
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped (the relay stopping, or a
+/// read-ahead nobody will use).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 

@@ -87,7 +87,17 @@ async fn relay_publishes_every_event_once_and_in_aggregate_order_despite_out_of_
         },
     )
     .await;
-    assert_eq!(relay.stats.cursor(), head);
+    // The saver records what it stored just after Postgres confirms it.
+    let stats = relay.stats.clone();
+    eventually(
+        "the relay's own view of the cursor",
+        Duration::from_secs(10),
+        || {
+            let stats = stats.clone();
+            async move { (stats.cursor() == head).then_some(()) }
+        },
+    )
+    .await;
     assert_eq!(relay.stats.published_total.load(Ordering::Relaxed), total);
     relay.shutdown().await;
     eprintln!(
@@ -374,4 +384,233 @@ async fn a_held_relay_lock_reports_itself_held() {
             .is_none()
     );
     lock.release("held").await;
+}
+
+/// The relay stores its cursor behind the acks, so a crash can leave it anywhere before what
+/// the stream holds, also in the middle of a batch. The next relay re-publishes from there: the
+/// stream takes the repeats as duplicates, and the first new event, chained to the last
+/// duplicate, matches the stream's last message id, so nothing is refused or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cursor_left_behind_the_acks_re_publishes_as_duplicates_and_the_chain_holds() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let aggregates: Vec<String> = (0..3).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for id in &aggregates {
+        append(&db.pool, id, 1, 10).await;
+    }
+    let first = read_all(&db.pool, 30).await;
+    let config = RelayConfig {
+        batch_size: 10,
+        ..RelayConfig::default()
+    };
+    let relay = Relay::new(db.pool.clone(), bus.bus.clone(), config.clone());
+    while relay.relay_once().await.unwrap() > 0 {}
+    wait_for_stream(&bus, 30, Duration::from_secs(10)).await;
+
+    // As if the relay died after the acks for all 30 but before saving past the 13th.
+    let stream = bus.config().stream.clone();
+    rookery_store::relay::reset_cursor(&db.pool, &stream, first[12].event.position)
+        .await
+        .unwrap();
+    for id in &aggregates {
+        append(&db.pool, id, 11, 5).await;
+    }
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 5).await;
+    wait_committed(&db.pool, 50).await;
+
+    let relay = spawn_relay(Relay::new(db.pool.clone(), bus.bus.clone(), config));
+    wait_for_stream(&bus, 50, Duration::from_secs(30)).await;
+    let stats = relay.stats.clone();
+    eventually(
+        "the relay to confirm 37 events",
+        Duration::from_secs(10),
+        || {
+            let stats = stats.clone();
+            async move { (stats.relayed_total.load(Ordering::Relaxed) >= 37).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(relay.stats.relayed_total.load(Ordering::Relaxed), 37);
+    assert_eq!(relay.stats.published_total.load(Ordering::Relaxed), 20);
+    assert_eq!(
+        relay.stats.failed_batches.load(Ordering::Relaxed),
+        0,
+        "a re-published duplicate must not break the chain"
+    );
+    relay.shutdown().await;
+    assert_stream_matches_log(&bus, &db.pool).await;
+}
+
+/// Killed at many arbitrary instants (mid-read, mid-window, mid-save), each successor finds a
+/// cursor at or behind what the stream holds, and the stream ends up holding the log exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_again_and_again_loses_and_duplicates_nothing() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let writers_pool = writer_pool(&db.url).await;
+    let writers = WRITERS.spawn(writers_pool.clone());
+    let config = RelayConfig {
+        batch_size: 50,
+        ..RelayConfig::default()
+    };
+    let mut kills = 0;
+    for step in 1..=6u64 {
+        let pool = writer_pool(&db.url).await;
+        let relay = spawn_relay(Relay::new(pool.clone(), bus.bus.clone(), config.clone()));
+        let (bus_ref, pool_ref, writers_ref) = (&bus.bus, &db.pool, &writers);
+        let stats = relay.stats.clone();
+        // Let each one get a little further than the last before killing it, unless it has
+        // already caught up with finished writers.
+        eventually(
+            "the relay to make progress",
+            Duration::from_secs(30),
+            || {
+                let stats = stats.clone();
+                async move {
+                    let confirmed = stats.relayed_total.load(Ordering::Relaxed);
+                    if confirmed >= step * 25 {
+                        return Some(());
+                    }
+                    let done = writers_ref.iter().all(|w| w.is_finished());
+                    let messages = bus_ref.stream_state().await.unwrap().messages;
+                    (done && messages == event_count(pool_ref).await).then_some(())
+                }
+            },
+        )
+        .await;
+        relay.handle.abort();
+        assert!(relay.handle.await.unwrap_err().is_cancelled());
+        pool.close().await;
+        kills += 1;
+    }
+    join_all(writers).await;
+    let total = event_count(&db.pool).await;
+    let last = spawn_relay(Relay::new(db.pool.clone(), bus.bus.clone(), config));
+    wait_for_stream(&bus, total, Duration::from_secs(30)).await;
+    assert_stream_matches_log(&bus, &db.pool).await;
+    last.shutdown().await;
+    eprintln!("repeated kills: {kills} relays aborted mid-run; {total} events, each once");
+    writers_pool.close().await;
+}
+
+/// A relay that stops gracefully stores the cursor of everything it had confirmed, so its
+/// successor starts there instead of re-publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_relay_leaves_its_cursor_at_what_it_confirmed() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    for _ in 0..4 {
+        append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 5).await;
+    }
+    wait_committed(&db.pool, 20).await;
+    let head = rookery_store::log::committed_head(&db.pool)
+        .await
+        .unwrap()
+        .unwrap();
+    let relay = spawn_relay(Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig {
+            batch_size: 7,
+            ..RelayConfig::default()
+        },
+    ));
+    let stats = relay.stats.clone();
+    eventually("all 20 confirmed", Duration::from_secs(10), || {
+        let stats = stats.clone();
+        async move { (stats.relayed_total.load(Ordering::Relaxed) == 20).then_some(()) }
+    })
+    .await;
+    relay.shutdown().await;
+    let stored = rookery_store::relay::load_cursor(&db.pool, &bus.config().stream)
+        .await
+        .unwrap();
+    assert_eq!(stored, head);
+}
+
+/// `relay_once` reads the following batch ahead, but a cursor moved in between (an operator
+/// re-seeding the bus) wins over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_once_follows_the_stored_cursor_rather_than_its_read_ahead() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    for _ in 0..5 {
+        append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
+    }
+    wait_committed(&db.pool, 15).await;
+    let relay = Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig {
+            batch_size: 10,
+            ..RelayConfig::default()
+        },
+    );
+    assert_eq!(relay.relay_once().await.unwrap(), 10);
+    let stream = bus.config().stream.clone();
+    rookery_store::relay::reset_cursor(&db.pool, &stream, rookery_events::LogPosition::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(relay.relay_once().await.unwrap(), 10);
+    assert_eq!(relay.relay_once().await.unwrap(), 5);
+    assert_eq!(relay.relay_once().await.unwrap(), 0);
+    assert_eq!(relay.stats().published_total.load(Ordering::Relaxed), 15);
+    assert_stream_matches_log(&bus, &db.pool).await;
+}
+
+/// The cursor only ever moves over confirmed events, however far the reader got: an event the
+/// stream refuses (here, one over the server's payload limit) stops the relay right before it,
+/// retrying visibly, with the cursor and the stream both ending at the event before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cursor_never_passes_an_event_the_stream_did_not_confirm() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 30).await;
+    let too_big = bus.client().server_info().max_payload + 1024;
+    sqlx::query(
+        "INSERT INTO events
+             (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('test', $1, 1, 'TestHappened', '1.0',
+                 jsonb_build_object('TestHappened', jsonb_build_object('blob', repeat('x', $2))),
+                 '{}')",
+    )
+    .bind(uuid::Uuid::new_v4().to_string())
+    .bind(i32::try_from(too_big).unwrap())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 10).await;
+    let log = read_all(&db.pool, 41).await;
+    let before_refused = log[29].event.position;
+
+    let relay = spawn_relay(Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig {
+            batch_size: 100,
+            ..RelayConfig::default()
+        },
+    ));
+    let stats = relay.stats.clone();
+    eventually("the relay to retry", Duration::from_secs(20), || {
+        let stats = stats.clone();
+        async move { (stats.failed_batches.load(Ordering::Relaxed) >= 2).then_some(()) }
+    })
+    .await;
+    let (pool, stream) = (&db.pool, bus.config().stream.clone());
+    let stream = stream.as_str();
+    eventually("the cursor saved", Duration::from_secs(10), || async move {
+        let cursor = rookery_store::relay::load_cursor(pool, stream)
+            .await
+            .unwrap();
+        (cursor == before_refused).then_some(())
+    })
+    .await;
+    assert_eq!(bus.stream_state().await.unwrap().messages, 30);
+    assert_eq!(relay.stats.relayed_total.load(Ordering::Relaxed), 30);
+    relay.shutdown().await;
+    let cursor = rookery_store::relay::load_cursor(&db.pool, stream)
+        .await
+        .unwrap();
+    assert_eq!(cursor, before_refused);
 }
