@@ -17,11 +17,13 @@
 //! returned. Operators: [`status()`], [`rebuild()`], [`pause`]/[`resume`], [`dead_letters`].
 //!
 //! # Layout
-//! - [`projection`]: the [`Projection`] trait, [`TableNames`] (live vs shadow), [`PoisonEvent`].
+//! - [`projection`]: the [`Projection`] trait, [`TableNames`] (live vs shadow), [`PoisonEvent`],
+//!   and a rebuild's optional fast path ([`BulkFold`]).
 //! - [`worker`]: the live worker ([`run_projection`], [`ProjectionWorker`], [`run_until_idle`]).
 //! - [`consistency`]: read-your-writes ([`wait_for_position`], [`is_applied`]).
 //! - [`mod@status`]: state, positions, lag, errors and parked events per projection.
-//! - [`mod@rebuild`]: rebuild without downtime into shadow tables, resumable.
+//! - [`mod@rebuild`]: rebuild without downtime into shadow tables, resumable; helpers for bulk
+//!   folds ([`rebuild::KeyFilter`], [`rebuild::copy_in`]).
 //! - [`dead_letters`]: list, retry and skip parked poison events.
 //! - [`members`]: the members read model and its queries.
 //!
@@ -37,7 +39,10 @@ pub mod worker;
 
 pub use consistency::{is_applied, wait_for_position};
 pub use members::MembersProjection;
-pub use projection::{occurred_at, PoisonEvent, Projection, TableNames};
+pub use projection::{
+    occurred_at, BulkFold, BulkStart, BulkWrite, NeedKeys, PoisonEvent, Projection, RawEvent,
+    TableNames,
+};
 pub use rebuild::{rebuild, rebuild_with, RebuildConfig, RebuildProgress, RebuildReport};
 pub use status::{status, PartitionStatus, ProjectionState, ProjectionStatus, RebuildStatus};
 pub use worker::{

@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use rookery_events::{LogPosition, RecordedEvent};
+use rookery_events::recorded::AnyEvent;
+use rookery_events::{EventMetadata, LogPosition, RecordedEvent};
 use sqlx::PgConnection;
 use std::fmt;
 
@@ -41,6 +42,161 @@ pub trait Projection: Send + Sync + 'static {
         tables: &'a TableNames,
         events: &'a [RecordedEvent],
     ) -> BoxFuture<'a, anyhow::Result<()>>;
+
+    /// A rebuild's fast path into `tables` (shadow tables it alone writes), see [`BulkFold`].
+    /// `None`, the default, makes rebuilds call [`Projection::apply`] batch by batch.
+    fn bulk_fold(&self, _tables: &TableNames, _start: BulkStart) -> Option<Box<dyn BulkFold>> {
+        None
+    }
+}
+
+/// What a rebuild tells a [`BulkFold`] when it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BulkStart {
+    /// The tables were created empty for this rebuild and nothing else has written them, so a
+    /// row is stored only if this fold wrote it. Otherwise (a resumed rebuild) they hold rows
+    /// the fold has never seen.
+    pub empty: bool,
+    /// Events the finished model will cover (those already folded included): a size hint.
+    pub events: u64,
+}
+
+/// A rebuild's fold of many batches at once, into tables nobody else writes.
+///
+/// Rows stay in memory across a *chunk* of batches, each changed row is written once per chunk
+/// (new rows may be bulk-loaded), and the rebuild writes one chunk while the next is folded.
+/// It must leave exactly the rows [`Projection::apply`] would leave after the same events
+/// (DESIGN.md §3.4): share the fold itself with `apply` and differ only in how rows are loaded
+/// and written.
+///
+/// The rebuild drives it as: [`fold`](BulkFold::fold) batches until the chunk is big enough,
+/// [`take`](BulkFold::take) the chunk's writes and run them in a transaction (which also saves
+/// the rebuild cursor), then [`settle`](BulkFold::settle) once that committed. Folding goes on
+/// while a taken chunk is being written, so until it is settled the fold must find the taken
+/// rows in memory rather than in the tables; chunks are written one at a time, in order.
+pub trait BulkFold: Send + Sync {
+    /// Folds `events` (log order) into the rows held, loading through `conn` those it needs
+    /// and does not hold (`conn` sees every settled chunk). The events are [`RawEvent`]s: decode
+    /// them as [`RawEvent::decode`] and [`RawEvent::metadata`] do, which give what
+    /// `RecordedEvent`'s methods of the same names give.
+    ///
+    /// On an error nothing changed: a [`PoisonEvent`] in the error is left out by the caller
+    /// and the batch folded again without it.
+    fn fold<'a>(
+        &'a mut self,
+        conn: &'a mut PgConnection,
+        events: &'a [RawEvent],
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+
+    /// Rows held for the current chunk (memory is bounded by chunking on it).
+    fn held(&self) -> usize;
+
+    /// Takes the writes of what was folded since the last take. Fails if the previous chunk
+    /// was not settled.
+    fn take(&mut self) -> anyhow::Result<Box<dyn BulkWrite>>;
+
+    /// The last taken chunk committed: its rows may now be read from the tables.
+    fn settle(&mut self);
+
+    /// Forgets everything not yet committed (the transaction it would have gone into rolled
+    /// back), so that the same events can be folded again.
+    fn discard(&mut self);
+
+    /// Logical tables this fold can fill without their unique indexes (primary key included)
+    /// for as long as it only adds rows: building those once is cheaper than maintaining them
+    /// row by row. The rebuild starts such tables without them when it can.
+    fn keyless_tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Whether the unique indexes of [`BulkFold::keyless_tables`] exist (they do until the
+    /// rebuild says otherwise). Without them the fold must neither look a row of those tables
+    /// up nor write one it did not create: it fails [`BulkFold::fold`] with [`NeedKeys`]
+    /// instead, before changing anything, and the rebuild builds them and folds again.
+    fn set_keys(&mut self, _present: bool) {}
+}
+
+/// The error a [`BulkFold`] fails with when the batch needs the unique indexes of its keyless
+/// tables (see [`BulkFold::set_keys`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeedKeys;
+
+impl fmt::Display for NeedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the batch needs the unique indexes of the shadow tables")
+    }
+}
+
+impl std::error::Error for NeedKeys {}
+
+/// A chunk's writes, run in the caller's transaction.
+pub trait BulkWrite: Send {
+    fn write<'a>(self: Box<Self>, conn: &'a mut PgConnection) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
+/// An event as a rebuild reads it: a [`RecordedEvent`] whose payload and metadata are still the
+/// JSON text Postgres holds. Bulk folds decode it straight into their own types: building a
+/// `serde_json::Value` tree per event only to decode it again (and free it) was most of a
+/// rebuild's CPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEvent {
+    pub position: LogPosition,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    /// JSON text.
+    pub payload: String,
+    /// JSON text.
+    pub metadata: String,
+}
+
+impl RawEvent {
+    /// What [`RecordedEvent::decode`] gives for the same event (parsing the text directly into
+    /// the event types is equivalent to parsing it into a `Value` and decoding that; a test
+    /// holds the two together).
+    pub fn decode(&self) -> Result<AnyEvent, serde_json::Error> {
+        use rookery_events::aggregate_types::*;
+        use rookery_events::{CommunityEvent, MembershipEvent, UserEvent};
+        Ok(match self.aggregate_type.as_str() {
+            COMMUNITY => {
+                AnyEvent::Community(serde_json::from_str::<CommunityEvent>(&self.payload)?)
+            }
+            MEMBERSHIP => {
+                AnyEvent::Membership(serde_json::from_str::<MembershipEvent>(&self.payload)?)
+            }
+            USER => AnyEvent::User(serde_json::from_str::<UserEvent>(&self.payload)?),
+            _ => AnyEvent::Unknown,
+        })
+    }
+
+    /// What [`RecordedEvent::metadata`] gives for the same event.
+    pub fn metadata(&self) -> EventMetadata {
+        serde_json::from_str(&self.metadata).unwrap_or_default()
+    }
+
+    /// What [`RecordedEvent::message_id`] gives for the same event.
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.aggregate_type, self.aggregate_id, self.sequence
+        )
+    }
+
+    /// The event as workers receive it.
+    pub fn to_recorded(&self) -> Result<RecordedEvent, serde_json::Error> {
+        Ok(RecordedEvent {
+            position: self.position,
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            sequence: self.sequence,
+            event_type: self.event_type.clone(),
+            event_version: self.event_version.clone(),
+            payload: serde_json::from_str(&self.payload)?,
+            metadata: serde_json::from_str(&self.metadata)?,
+        })
+    }
 }
 
 /// Maps a projection's logical table names to the physical ones a batch writes: the same names
@@ -145,8 +301,18 @@ pub fn occurred_at(event: &RecordedEvent) -> Result<DateTime<Utc>, PoisonEvent> 
     event
         .metadata()
         .occurred_at()
-        .ok_or_else(|| PoisonEvent::new(event, "metadata has no valid `occurred_at`"))
+        .ok_or_else(|| PoisonEvent::new(event, NO_OCCURRED_AT))
 }
+
+/// [`occurred_at`] of a [`RawEvent`].
+pub fn raw_occurred_at(event: &RawEvent) -> Result<DateTime<Utc>, PoisonEvent> {
+    event.metadata().occurred_at().ok_or_else(|| PoisonEvent {
+        position: event.position,
+        reason: NO_OCCURRED_AT.into(),
+    })
+}
+
+const NO_OCCURRED_AT: &str = "metadata has no valid `occurred_at`";
 
 #[cfg(test)]
 mod tests {
@@ -162,6 +328,70 @@ mod tests {
         assert!(t.get("messages").is_err());
         let live = TableNames::live(&["members"]);
         assert_eq!(live.get("members").ok().as_deref(), Some("\"members\""));
+    }
+
+    /// Every kind of payload and metadata, good and bad, decodes the same from text as through
+    /// a `serde_json::Value` (a rebuild's bulk fold reads text, live workers get values).
+    #[test]
+    fn raw_events_decode_like_recorded_ones() {
+        use rookery_events::{MembershipEvent, Role, UserEvent};
+        let (c, u) = (uuid::Uuid::from_u128(7), uuid::Uuid::from_u128(9));
+        let payloads: Vec<(&str, String)> = vec![
+            (
+                "membership",
+                serde_json::to_string(&MembershipEvent::MemberJoined {
+                    community_id: c,
+                    user_id: u,
+                    role: Role::Moderator,
+                })
+                .expect("serializes"),
+            ),
+            (
+                "user",
+                serde_json::to_string(&UserEvent::UserRegistered {
+                    user_id: u,
+                    username: "tab\there \"quoted\" ünï".into(),
+                    email: "a@x".into(),
+                })
+                .expect("serializes"),
+            ),
+            (
+                "membership",
+                r#"{"MemberJoined": {"community_id": 1}}"#.into(),
+            ),
+            ("user", r#"{"Nope": {}}"#.into()),
+            ("community", r#"{"also": "bad"}"#.into()),
+            ("something_newer", r#"{"x": 1}"#.into()),
+            ("membership", "[]".into()),
+        ];
+        let metadatas = [
+            r#"{"occurred_at": "2026-01-02T03:04:05.123456789Z", "actor": "user:1"}"#,
+            r#"{"occurred_at": "2026-01-02T03:04:05+02:00"}"#,
+            r#"{"occurred_at": "yesterday"}"#,
+            r#"{"actor": "user:1"}"#,
+            r#"{"occurred_at": "2026-01-02T03:04:05Z", "actor": 5}"#,
+            "null",
+        ];
+        for (t, payload) in &payloads {
+            for metadata in metadatas {
+                let raw = RawEvent {
+                    position: LogPosition::new(5, 6),
+                    aggregate_type: (*t).into(),
+                    aggregate_id: u.to_string(),
+                    sequence: 1,
+                    event_type: "x".into(),
+                    event_version: "1.0".into(),
+                    payload: payload.clone(),
+                    metadata: metadata.into(),
+                };
+                let recorded = raw.to_recorded().expect("valid JSON");
+                // Error messages may differ (text errors carry a line and column).
+                assert_eq!(raw.decode().ok(), recorded.decode().ok(), "{t} {payload}");
+                assert_eq!(raw.metadata(), recorded.metadata(), "{metadata}");
+                assert_eq!(raw.message_id(), recorded.message_id());
+                assert_eq!(raw_occurred_at(&raw), occurred_at(&recorded));
+            }
+        }
     }
 
     #[test]

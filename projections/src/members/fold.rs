@@ -1,12 +1,14 @@
 //! The members fold, pure: rows in, events in order, rows out. No I/O, no clock.
 
-use crate::projection::{occurred_at, PoisonEvent};
+use crate::projection::{occurred_at, raw_occurred_at, PoisonEvent, RawEvent};
+use crate::rebuild::KeyHashState;
 use chrono::{DateTime, Utc};
 use rookery_events::recorded::AnyEvent;
 use rookery_events::UserEvent;
 use rookery_events::{LogPosition, MemberStatus, MembershipEvent, Platform, RecordedEvent, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 /// A platform account linked to a hub user.
@@ -55,19 +57,77 @@ pub enum Change {
 /// Decodes a batch; community events and unknown aggregates are not this projection's business
 /// and are dropped. An event that does not decode is poison.
 pub fn decode(events: &[RecordedEvent]) -> Result<Vec<Change>, PoisonEvent> {
+    decode_each(events)
+}
+
+/// [`decode`] of a rebuild's raw events: the same changes, the same poison.
+pub fn decode_raw(events: &[RawEvent]) -> Result<Vec<Change>, PoisonEvent> {
+    decode_each(events)
+}
+
+/// What [`decode_each`] needs of an event, so that recorded and raw events share one decoder.
+trait Source {
+    fn position(&self) -> LogPosition;
+    fn event_type(&self) -> &str;
+    fn aggregate_id(&self) -> &str;
+    fn any(&self) -> Result<AnyEvent, serde_json::Error>;
+    fn at(&self) -> Result<DateTime<Utc>, PoisonEvent>;
+}
+
+impl Source for RecordedEvent {
+    fn position(&self) -> LogPosition {
+        self.position
+    }
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+    fn any(&self) -> Result<AnyEvent, serde_json::Error> {
+        self.decode()
+    }
+    fn at(&self) -> Result<DateTime<Utc>, PoisonEvent> {
+        occurred_at(self)
+    }
+}
+
+impl Source for RawEvent {
+    fn position(&self) -> LogPosition {
+        self.position
+    }
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+    fn any(&self) -> Result<AnyEvent, serde_json::Error> {
+        self.decode()
+    }
+    fn at(&self) -> Result<DateTime<Utc>, PoisonEvent> {
+        raw_occurred_at(self)
+    }
+}
+
+fn decode_each<E: Source>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
+    let poison = |e: &E, reason: String| PoisonEvent {
+        position: e.position(),
+        reason,
+    };
     let mut out = Vec::with_capacity(events.len());
     for e in events {
-        let decoded = e.decode().map_err(|err| {
-            PoisonEvent::new(e, format!("{} does not decode: {err}", e.event_type))
-        })?;
+        let decoded = e
+            .any()
+            .map_err(|err| poison(e, format!("{} does not decode: {err}", e.event_type())))?;
         match decoded {
             AnyEvent::User(event) => {
                 let user_id = match &event {
                     UserEvent::UserRegistered { user_id, .. } => *user_id,
-                    _ => Uuid::parse_str(&e.aggregate_id).map_err(|err| {
-                        PoisonEvent::new(
+                    _ => Uuid::parse_str(e.aggregate_id()).map_err(|err| {
+                        poison(
                             e,
-                            format!("user id `{}` is not a UUID: {err}", e.aggregate_id),
+                            format!("user id `{}` is not a UUID: {err}", e.aggregate_id()),
                         )
                     })?,
                 };
@@ -76,8 +136,8 @@ pub fn decode(events: &[RecordedEvent]) -> Result<Vec<Change>, PoisonEvent> {
             AnyEvent::Membership(event) => {
                 out.push(Change::Membership {
                     event,
-                    at: occurred_at(e)?,
-                    key: e.position,
+                    at: e.at()?,
+                    key: e.position(),
                 });
             }
             AnyEvent::Community(_) | AnyEvent::Unknown => {}
@@ -89,10 +149,10 @@ pub fn decode(events: &[RecordedEvent]) -> Result<Vec<Change>, PoisonEvent> {
 /// What a batch must load before folding.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Needs {
-    /// Every user a change names (sorted: the lock order).
-    pub users: BTreeSet<Uuid>,
-    /// Every `(community, user)` a membership change names.
-    pub members: BTreeSet<(Uuid, Uuid)>,
+    /// Every user a change names, sorted (the lock order) and without repeats.
+    pub users: Vec<Uuid>,
+    /// Every `(community, user)` a membership change names, sorted and without repeats.
+    pub members: Vec<(Uuid, Uuid)>,
 }
 
 pub fn needs(changes: &[Change]) -> Needs {
@@ -100,35 +160,197 @@ pub fn needs(changes: &[Change]) -> Needs {
     for change in changes {
         match change {
             Change::User { user_id, .. } => {
-                needs.users.insert(*user_id);
+                needs.users.push(*user_id);
             }
             Change::Membership { event, .. } => {
                 let (c, u) = event.subject();
-                needs.users.insert(u);
-                needs.members.insert((c, u));
+                needs.users.push(u);
+                needs.members.push((c, u));
             }
         }
     }
+    needs.users.sort_unstable();
+    needs.users.dedup();
+    needs.members.sort_unstable();
+    needs.members.dedup();
     needs
 }
 
-/// The in-memory state of a batch: the loaded rows, folded forward, and what changed.
+/// The in-memory state of a batch (live) or of a rebuild chunk: the rows as loaded, folded
+/// forward, and what changed.
+///
+/// Every row a change names must be loaded ([`Fold::load_user`], [`Fold::load_member`]) before
+/// the change is applied: the fold takes a row it does not hold for one that does not exist.
 #[derive(Debug, Default)]
 pub struct Fold {
-    pub users: BTreeMap<Uuid, UserRow>,
-    /// Loaded member rows; `None` for a pair with no row (yet).
-    pub members: BTreeMap<(Uuid, Uuid), Option<MemberRow>>,
-    pub dirty_users: BTreeSet<Uuid>,
-    pub dirty_members: BTreeSet<(Uuid, Uuid)>,
-    /// Users whose username this batch set: all their member rows take it.
-    pub renamed: BTreeMap<Uuid, String>,
+    users: HashMap<Uuid, UserSlot, KeyHashState>,
+    members: HashMap<(Uuid, Uuid), MemberSlot, KeyHashState>,
+    /// Communities of the member rows held, per user: a registration renames its user's rows
+    /// without scanning every row held (a rebuild chunk holds hundreds of thousands).
+    by_user: HashMap<Uuid, Communities, KeyHashState>,
     /// Change of the active-member count per community. Every community a membership event
     /// names is present, also with 0, so that whether a `member_counts` row exists never depends
     /// on how events were split into batches (live and rebuild batch differently).
-    pub count_delta: BTreeMap<Uuid, i64>,
+    count_delta: BTreeMap<Uuid, i64>,
+}
+
+/// Communities of a user's member rows; most users have one, which needs no allocation.
+#[derive(Debug)]
+struct Communities {
+    first: Uuid,
+    rest: Vec<Uuid>,
+}
+
+impl Communities {
+    fn iter(&self) -> impl Iterator<Item = &Uuid> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+}
+
+/// A `member_users` row held by a [`Fold`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserSlot {
+    pub row: UserRow,
+    /// The row was loaded from the table; otherwise writing creates it.
+    pub stored: bool,
+    pub dirty: bool,
+    /// Its username was set here: every member row of the user takes it, also rows not held.
+    pub renamed: bool,
+}
+
+/// A `members` row held by a [`Fold`]; `row` is `None` for a pair with no row (yet).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberSlot {
+    pub row: Option<MemberRow>,
+    /// The row was loaded from the table; otherwise writing creates it.
+    pub stored: bool,
+    pub dirty: bool,
 }
 
 impl Fold {
+    /// Holds a user's row as loaded, or for a user without one a new empty row (written even if
+    /// no change touches it: it is the per-user lock row, see the module docs).
+    pub fn load_user(&mut self, user_id: Uuid, row: Option<UserRow>) {
+        let slot = match row {
+            Some(row) => UserSlot {
+                row,
+                stored: true,
+                dirty: false,
+                renamed: false,
+            },
+            None => UserSlot {
+                dirty: true,
+                ..UserSlot::default()
+            },
+        };
+        self.users.insert(user_id, slot);
+    }
+
+    /// Holds a member row as loaded, or that there is none.
+    pub fn load_member(&mut self, key: (Uuid, Uuid), row: Option<MemberRow>) {
+        let slot = MemberSlot {
+            stored: row.is_some(),
+            row,
+            dirty: false,
+        };
+        if self.members.insert(key, slot).is_none() {
+            self.index(key);
+        }
+    }
+
+    fn index(&mut self, (community_id, user_id): (Uuid, Uuid)) {
+        match self.by_user.entry(user_id) {
+            Entry::Occupied(mut e) => e.get_mut().rest.push(community_id),
+            Entry::Vacant(e) => {
+                e.insert(Communities {
+                    first: community_id,
+                    rest: Vec::new(),
+                });
+            }
+        }
+    }
+
+    /// Every user held.
+    pub fn users(&self) -> impl Iterator<Item = (&Uuid, &UserSlot)> {
+        self.users.iter()
+    }
+
+    pub fn user_slot(&self, user_id: &Uuid) -> Option<&UserSlot> {
+        self.users.get(user_id)
+    }
+
+    pub fn member_slot(&self, key: &(Uuid, Uuid)) -> Option<&MemberSlot> {
+        self.members.get(key)
+    }
+
+    pub fn user(&self, user_id: &Uuid) -> Option<&UserRow> {
+        self.users.get(user_id).map(|s| &s.row)
+    }
+
+    pub fn member(&self, key: &(Uuid, Uuid)) -> Option<&MemberRow> {
+        self.members.get(key).and_then(|s| s.row.as_ref())
+    }
+
+    /// Forgets every row, keeping the memory for the next chunk.
+    pub fn clear(&mut self) {
+        self.users.clear();
+        self.members.clear();
+        self.by_user.clear();
+        self.count_delta.clear();
+    }
+
+    /// Rows held (users and member pairs).
+    pub fn len(&self) -> usize {
+        self.users.len() + self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.members.is_empty()
+    }
+
+    /// Changed users, in key order.
+    pub fn dirty_users(&self) -> Vec<(Uuid, &UserSlot)> {
+        let mut out: Vec<_> = self
+            .users
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, s)| (*k, s))
+            .collect();
+        out.sort_unstable_by_key(|(k, _)| *k);
+        out
+    }
+
+    /// Changed member rows, in key order, with whether each was loaded from the table.
+    pub fn dirty_members(&self) -> Vec<((Uuid, Uuid), &MemberRow, bool)> {
+        let mut out: Vec<_> = self
+            .members
+            .iter()
+            .filter_map(|(k, s)| match (&s.row, s.dirty) {
+                (Some(row), true) => Some((*k, row, s.stored)),
+                _ => None,
+            })
+            .collect();
+        out.sort_unstable_by_key(|(k, _, _)| *k);
+        out
+    }
+
+    /// Users whose username was set here, in key order, with whether each was loaded from the
+    /// table.
+    pub fn renamed(&self) -> Vec<(Uuid, &str, bool)> {
+        let mut out: Vec<_> = self
+            .users
+            .iter()
+            .filter(|(_, s)| s.renamed)
+            .map(|(k, s)| (*k, s.row.username.as_str(), s.stored))
+            .collect();
+        out.sort_unstable_by_key(|(k, _, _)| *k);
+        out
+    }
+
+    pub fn count_delta(&self) -> &BTreeMap<Uuid, i64> {
+        &self.count_delta
+    }
+
     pub fn apply(&mut self, change: &Change) {
         match change {
             Change::User { user_id, event } => self.apply_user(*user_id, event),
@@ -137,15 +359,25 @@ impl Fold {
     }
 
     fn apply_user(&mut self, user_id: Uuid, event: &UserEvent) {
-        let row = self.users.entry(user_id).or_default();
+        let slot = self.users.entry(user_id).or_default();
+        let row = &mut slot.row;
         match event {
             UserEvent::UserRegistered { username, .. } => {
                 row.username.clone_from(username);
-                self.renamed.insert(user_id, username.clone());
+                slot.renamed = true;
                 // Denormalised copies converge whichever of registration and membership arrives
                 // first: rows already loaded take the name here, the rest in the batch's write.
-                for ((_, u), member) in self.members.iter_mut() {
-                    if let (true, Some(m)) = (*u == user_id, member.as_mut()) {
+                for c in self
+                    .by_user
+                    .get(&user_id)
+                    .into_iter()
+                    .flat_map(Communities::iter)
+                {
+                    if let Some(m) = self
+                        .members
+                        .get_mut(&(*c, user_id))
+                        .and_then(|s| s.row.as_mut())
+                    {
                         m.username.clone_from(username);
                     }
                 }
@@ -173,7 +405,7 @@ impl Fold {
                 });
             }
         }
-        self.dirty_users.insert(user_id);
+        slot.dirty = true;
     }
 
     fn apply_membership(&mut self, event: &MembershipEvent, at: DateTime<Utc>, key: LogPosition) {
@@ -183,10 +415,14 @@ impl Fold {
         let username = self
             .users
             .get(&user_id)
-            .map(|u| u.username.clone())
+            .map(|u| u.row.username.clone())
             .unwrap_or_default();
-        let slot = self.members.entry((community_id, user_id)).or_default();
-        let was_active = slot.as_ref().is_some_and(|m| m.status == S::Active);
+        let pair = (community_id, user_id);
+        if !self.members.contains_key(&pair) {
+            self.index(pair);
+        }
+        let slot = self.members.entry(pair).or_default();
+        let was_active = slot.row.as_ref().is_some_and(|m| m.status == S::Active);
         let fresh = |status, role| MemberRow {
             username: username.clone(),
             role,
@@ -196,7 +432,7 @@ impl Fold {
             key,
         };
 
-        let changed = match (event, slot.as_mut()) {
+        let changed = match (event, slot.row.as_mut()) {
             (E::MemberJoined { role, .. }, Some(m)) => {
                 if !was_active {
                     // A rejoin starts a new membership.
@@ -207,7 +443,7 @@ impl Fold {
                 true
             }
             (E::MemberJoined { role, .. }, None) => {
-                *slot = Some(fresh(S::Active, *role));
+                slot.row = Some(fresh(S::Active, *role));
                 true
             }
             (E::JoinRequested { .. }, Some(m)) if m.status != S::Active => {
@@ -216,7 +452,7 @@ impl Fold {
                 true
             }
             (E::JoinRequested { .. }, None) => {
-                *slot = Some(fresh(S::Pending, Role::Member));
+                slot.row = Some(fresh(S::Pending, Role::Member));
                 true
             }
             (E::MemberRoleChanged { to, .. }, Some(m)) => {
@@ -237,7 +473,7 @@ impl Fold {
             }
             // Banning someone who never joined still has to keep them out.
             (E::MemberBanned { .. }, None) => {
-                *slot = Some(fresh(S::Banned, Role::Member));
+                slot.row = Some(fresh(S::Banned, Role::Member));
                 true
             }
             (E::MemberUnbanned { .. }, Some(m)) if m.status == S::Banned => {
@@ -249,14 +485,14 @@ impl Fold {
             _ => false,
         };
         if changed {
-            if let Some(m) = slot.as_mut() {
+            if let Some(m) = slot.row.as_mut() {
                 m.updated_at = at;
                 m.key = key;
                 m.username = username;
             }
-            self.dirty_members.insert((community_id, user_id));
+            slot.dirty = true;
         }
-        let is_active = slot.as_ref().is_some_and(|m| m.status == S::Active);
+        let is_active = slot.row.as_ref().is_some_and(|m| m.status == S::Active);
         *self.count_delta.entry(community_id).or_insert(0) +=
             i64::from(is_active) - i64::from(was_active);
     }
@@ -315,12 +551,12 @@ mod tests {
             },
             3,
         ));
-        let row = f.members[&(C, U)].clone().unwrap_or_else(|| panic!("row"));
+        let row = f.member(&(C, U)).cloned().unwrap_or_else(|| panic!("row"));
         assert_eq!(
             (row.status, row.role, row.joined_at, row.updated_at),
             (MemberStatus::Active, Role::Vip, t(3), t(3))
         );
-        assert_eq!(f.count_delta[&C], 1);
+        assert_eq!(f.count_delta()[&C], 1);
     }
 
     #[test]
@@ -334,10 +570,7 @@ mod tests {
             },
             1,
         ));
-        assert_eq!(
-            f.members[&(C, U)].as_ref().map(|r| r.username.as_str()),
-            Some("")
-        );
+        assert_eq!(f.member(&(C, U)).map(|r| r.username.as_str()), Some(""));
         f.apply(&Change::User {
             user_id: U,
             event: UserEvent::UserRegistered {
@@ -346,11 +579,8 @@ mod tests {
                 email: "a@x".into(),
             },
         });
-        assert_eq!(
-            f.members[&(C, U)].as_ref().map(|r| r.username.as_str()),
-            Some("ada")
-        );
-        assert_eq!(f.renamed.get(&U).map(String::as_str), Some("ada"));
+        assert_eq!(f.member(&(C, U)).map(|r| r.username.as_str()), Some("ada"));
+        assert_eq!(f.renamed(), vec![(U, "ada", false)]);
     }
 
     #[test]
@@ -367,8 +597,10 @@ mod tests {
         f.apply(&link(Platform::Twitch, "t1"));
         f.apply(&link(Platform::Discord, "d1"));
         f.apply(&link(Platform::Twitch, "t2"));
-        let ids: Vec<_> = f.users[&U]
-            .identities
+        let ids: Vec<_> = f
+            .user(&U)
+            .map(|u| u.identities.as_slice())
+            .unwrap_or_default()
             .iter()
             .map(|i| i.platform_user_id.as_str())
             .collect();

@@ -11,11 +11,15 @@
 //! row when missing) before reading or writing their member rows: a registration and a
 //! membership of the same user never interleave.
 //!
+//! Rebuilds fold through the `bulk` module (the same [`Fold`], held across chunks of many
+//! batches, new rows written with `COPY`); live batches through `apply`.
+//!
 //! # Tables
 //! - `members (community_id, user_id) → username, role, status, joined_at, updated_at, txid, gpos`
 //! - `member_counts (community_id) → member_count` (active members)
 //! - `member_users (user_id) → username, identities`
 
+mod bulk;
 pub mod fold;
 mod queries;
 
@@ -25,7 +29,7 @@ pub use queries::{
     QueryError, DEFAULT_LIMIT, MAX_LIMIT,
 };
 
-use crate::projection::{Projection, TableNames};
+use crate::projection::{BulkFold, BulkStart, Projection, TableNames};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fold::{Fold, MemberRow, UserRow};
@@ -64,6 +68,15 @@ impl Projection for MembersProjection {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(apply(conn, tables, events))
     }
+
+    fn bulk_fold(&self, tables: &TableNames, start: BulkStart) -> Option<Box<dyn BulkFold>> {
+        // Only shadow tables are ours alone; anything else gets the batch-by-batch `apply`.
+        if !tables.exclusive() {
+            return None;
+        }
+        let t = Tables::new(tables).ok()?;
+        Some(Box::new(bulk::MembersBulk::new(t, start)))
+    }
 }
 
 async fn apply(
@@ -75,11 +88,7 @@ async fn apply(
     if changes.is_empty() {
         return Ok(());
     }
-    let t = Tables {
-        members: tables.get("members")?,
-        counts: tables.get("member_counts")?,
-        users: tables.get("member_users")?,
-    };
+    let t = Tables::new(tables)?;
     let needs = fold::needs(&changes);
     let mut state = Fold::default();
     load_users(conn, &t, tables.exclusive(), &needs.users, &mut state)
@@ -91,26 +100,40 @@ async fn apply(
     for change in &changes {
         state.apply(change);
     }
-    write(conn, &t, &state).await
+    write(conn, &t, &state, Insert::Upsert).await
 }
 
+/// Physical names of the tables, quoted.
+#[derive(Clone, Debug)]
 struct Tables {
     members: String,
     counts: String,
     users: String,
 }
 
-/// Loads (and locks, in user-id order) the `member_users` rows of every user the batch names,
-/// creating empty ones first so there is always a row to lock. With exclusive tables (a
-/// rebuild) there is nobody to lock against: missing rows are created by the batch's write.
+impl Tables {
+    fn new(tables: &TableNames) -> anyhow::Result<Self> {
+        Ok(Self {
+            members: tables.get("members")?,
+            counts: tables.get("member_counts")?,
+            users: tables.get("member_users")?,
+        })
+    }
+}
+
+/// Loads (and locks, in user-id order) the `member_users` rows of `users` (sorted), creating
+/// empty ones first so there is always a row to lock. With exclusive tables (a rebuild) there
+/// is nobody to lock against: missing rows are created by the batch's write.
 async fn load_users(
     conn: &mut PgConnection,
     t: &Tables,
     exclusive: bool,
-    users: &std::collections::BTreeSet<Uuid>,
+    users: &[Uuid],
     state: &mut Fold,
 ) -> anyhow::Result<()> {
-    let ids: Vec<Uuid> = users.iter().copied().collect();
+    if users.is_empty() {
+        return Ok(());
+    }
     if !exclusive {
         sqlx::query(&format!(
             "INSERT INTO {} (user_id, username)
@@ -118,7 +141,7 @@ async fn load_users(
              ON CONFLICT (user_id) DO NOTHING",
             t.users
         ))
-        .bind(&ids)
+        .bind(users)
         .execute(&mut *conn)
         .await?;
     }
@@ -131,26 +154,24 @@ async fn load_users(
         "SELECT user_id, username, identities FROM {} WHERE user_id = ANY($1) {lock}",
         t.users
     ))
-    .bind(&ids)
+    .bind(users)
     .fetch_all(&mut *conn)
     .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         let identities: serde_json::Value = row.try_get("identities")?;
         let identities = serde_json::from_value(identities).context("member_users.identities")?;
-        state.users.insert(
-            row.try_get("user_id")?,
+        found.insert(
+            row.try_get::<Uuid, _>("user_id")?,
             UserRow {
                 username: row.try_get("username")?,
                 identities,
             },
         );
     }
-    for id in ids {
-        if let std::collections::btree_map::Entry::Vacant(e) = state.users.entry(id) {
-            // The same empty row the locking path inserts up front.
-            e.insert(UserRow::default());
-            state.dirty_users.insert(id);
-        }
+    for id in users {
+        // A missing row becomes the same empty row the locking path inserts up front.
+        state.load_user(*id, found.remove(id));
     }
     Ok(())
 }
@@ -158,16 +179,13 @@ async fn load_users(
 async fn load_members(
     conn: &mut PgConnection,
     t: &Tables,
-    keys: &std::collections::BTreeSet<(Uuid, Uuid)>,
+    keys: &[(Uuid, Uuid)],
     state: &mut Fold,
 ) -> anyhow::Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
     let (communities, users): (Vec<Uuid>, Vec<Uuid>) = keys.iter().copied().unzip();
-    for key in keys {
-        state.members.insert(*key, None);
-    }
     let rows = sqlx::query(&format!(
         "SELECT m.community_id, m.user_id, m.username, m.role, m.status, m.joined_at, m.updated_at,
                 m.txid, m.gpos
@@ -179,6 +197,7 @@ async fn load_members(
     .bind(&users)
     .fetch_all(&mut *conn)
     .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         let role: String = row.try_get("role")?;
         let status: String = row.try_get("status")?;
@@ -190,27 +209,67 @@ async fn load_members(
             updated_at: row.try_get("updated_at")?,
             key: LogPosition::from_db(row.try_get("txid")?, row.try_get("gpos")?),
         };
-        state.members.insert(
-            (row.try_get("community_id")?, row.try_get("user_id")?),
-            Some(member),
+        found.insert(
+            (
+                row.try_get::<Uuid, _>("community_id")?,
+                row.try_get::<Uuid, _>("user_id")?,
+            ),
+            member,
         );
+    }
+    for key in keys {
+        state.load_member(*key, found.remove(key));
     }
     Ok(())
 }
 
-/// Writes the batch back: one statement per table, rows in key order (a stable lock order
-/// between concurrent partitions).
-async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Result<()> {
-    if !state.dirty_users.is_empty() {
-        let mut ids = Vec::new();
-        let mut names = Vec::new();
-        let mut identities = Vec::new();
-        for id in &state.dirty_users {
-            if let Some(u) = state.users.get(id) {
-                ids.push(*id);
-                names.push(u.username.clone());
-                identities.push(serde_json::to_value(&u.identities)?);
-            }
+/// How [`write`] creates rows that were not loaded from the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Insert {
+    /// `INSERT … ON CONFLICT DO UPDATE`, like every other row.
+    Upsert,
+    /// `COPY`: only for tables nobody else writes, where a row not loaded is certainly absent.
+    Copy,
+}
+
+/// Writes the changed rows back: one statement per table (two with `COPY`), rows in key order
+/// (a stable lock order between concurrent partitions).
+async fn write(
+    conn: &mut PgConnection,
+    t: &Tables,
+    state: &Fold,
+    insert: Insert,
+) -> anyhow::Result<()> {
+    let users = state.dirty_users();
+    let (copy_users, upsert_users): (Vec<_>, Vec<_>) = users
+        .into_iter()
+        .partition(|(_, slot)| insert == Insert::Copy && !slot.stored);
+    if !copy_users.is_empty() {
+        crate::rebuild::copy_in(
+            conn,
+            &format!(
+                "COPY {} (user_id, username, identities) FROM STDIN (FORMAT binary)",
+                t.users
+            ),
+            3,
+            copy_users,
+            |rows, (id, slot)| {
+                rows.value(&id)?;
+                rows.value(&slot.row.username)?;
+                rows.value(&serde_json::to_value(&slot.row.identities)?)
+            },
+        )
+        .await
+        .context("copying member_users")?;
+    }
+    if !upsert_users.is_empty() {
+        let mut ids = Vec::with_capacity(upsert_users.len());
+        let mut names = Vec::with_capacity(upsert_users.len());
+        let mut identities = Vec::with_capacity(upsert_users.len());
+        for (id, slot) in upsert_users {
+            ids.push(id);
+            names.push(slot.row.username.as_str());
+            identities.push(serde_json::to_value(&slot.row.identities)?);
         }
         sqlx::query(&format!(
             "INSERT INTO {} (user_id, username, identities)
@@ -227,8 +286,37 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         .context("writing member_users")?;
     }
 
-    if !state.dirty_members.is_empty() {
-        let n = state.dirty_members.len();
+    let members = state.dirty_members();
+    let (copy_members, upsert_members): (Vec<_>, Vec<_>) = members
+        .into_iter()
+        .partition(|(_, _, stored)| insert == Insert::Copy && !stored);
+    if !copy_members.is_empty() {
+        crate::rebuild::copy_in(
+            conn,
+            &format!(
+                "COPY {} (community_id, user_id, username, role, status, joined_at, updated_at,
+                          txid, gpos) FROM STDIN (FORMAT binary)",
+                t.members
+            ),
+            9,
+            copy_members,
+            |rows, (key, m, _)| {
+                rows.value(&key.0)?;
+                rows.value(&key.1)?;
+                rows.value(&m.username)?;
+                rows.value(&m.role.as_str())?;
+                rows.value(&m.status.as_str())?;
+                rows.value(&m.joined_at)?;
+                rows.value(&m.updated_at)?;
+                rows.value(&m.key.txid_i64())?;
+                rows.value(&m.key.gpos)
+            },
+        )
+        .await
+        .context("copying members")?;
+    }
+    if !upsert_members.is_empty() {
+        let n = upsert_members.len();
         let mut cs = Vec::with_capacity(n);
         let mut us = Vec::with_capacity(n);
         let mut names = Vec::with_capacity(n);
@@ -238,13 +326,10 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         let mut updated: Vec<DateTime<Utc>> = Vec::with_capacity(n);
         let mut txids = Vec::with_capacity(n);
         let mut gposs = Vec::with_capacity(n);
-        for key in &state.dirty_members {
-            let Some(Some(m)) = state.members.get(key) else {
-                continue;
-            };
+        for (key, m, _) in upsert_members {
             cs.push(key.0);
             us.push(key.1);
-            names.push(m.username.clone());
+            names.push(m.username.as_str());
             roles.push(m.role.as_str());
             statuses.push(m.status.as_str());
             joined.push(m.joined_at);
@@ -276,9 +361,15 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         .context("writing members")?;
     }
 
-    if !state.renamed.is_empty() {
-        let (ids, names): (Vec<Uuid>, Vec<String>) =
-            state.renamed.iter().map(|(k, v)| (*k, v.clone())).unzip();
+    // Rows of a user that was not stored cannot exist either (a member row's user row is
+    // written with it), so only stored users' rows not held here need the new name.
+    let (ids, names): (Vec<Uuid>, Vec<&str>) = state
+        .renamed()
+        .into_iter()
+        .filter(|(_, _, stored)| *stored)
+        .map(|(id, name, _)| (id, name))
+        .unzip();
+    if !ids.is_empty() {
         sqlx::query(&format!(
             "UPDATE {m} SET username = r.username
              FROM UNNEST($1::uuid[], $2::text[]) AS r(user_id, username)
@@ -292,9 +383,9 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         .context("copying usernames to member rows")?;
     }
 
-    if !state.count_delta.is_empty() {
+    if !state.count_delta().is_empty() {
         let (ids, deltas): (Vec<Uuid>, Vec<i64>) =
-            state.count_delta.iter().map(|(k, v)| (*k, *v)).unzip();
+            state.count_delta().iter().map(|(k, v)| (*k, *v)).unzip();
         sqlx::query(&format!(
             "INSERT INTO {c} (community_id, member_count)
              SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) AS d(community_id, delta) ORDER BY 1

@@ -1,9 +1,11 @@
-//! Rebuilds: under live writes, against a fresh incremental build, and resumed after a crash.
+//! Rebuilds: under live writes, against a fresh incremental build, resumed after a crash
+//! (also while the shadow tables still lack their keys), and parking poison events.
 
 use crate::support::{
-    assert_same_model, joined, registered, test_worker_config, uuids, Env, ModelCopy, Scenario,
+    assert_same_model, joined, registered, test_worker_config, uuids, Env, Ev, ModelCopy, RawEvent,
+    Scenario,
 };
-use rookery_events::{LogPosition, Role};
+use rookery_events::{LogPosition, MembershipEvent, Role};
 use rookery_nats::{Relay, RelayConfig};
 use rookery_projections::members::{self, MemberQuery, NAME};
 use rookery_projections::{
@@ -28,10 +30,47 @@ async fn index_names(env: &Env, table: &str) -> Vec<String> {
         .expect("indexes")
 }
 
+/// `name:kind` of every constraint on `table` (none when it does not exist).
+async fn constraints(env: &Env, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT conname::text || ':' || contype::text FROM pg_constraint
+         WHERE conrelid = to_regclass($1) ORDER BY 1",
+    )
+    .bind(format!("\"{table}\""))
+    .fetch_all(&env.pool)
+    .await
+    .expect("constraints")
+}
+
+/// Every model table's indexes and constraints.
+async fn schema(env: &Env) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for t in ["members", "member_counts", "member_users"] {
+        out.push(index_names(env, t).await);
+        out.push(constraints(env, t).await);
+    }
+    out
+}
+
+/// Folds the whole log into a copy of the model through the live path (relay, bus, `apply`
+/// batch by batch) and asserts the rebuilt model equals it row for row.
+async fn assert_matches_incremental_build(env: &Env) {
+    let copy = ModelCopy {
+        name: "members_fresh",
+        prefix: "fresh_",
+    };
+    copy.create_tables(&env.pool).await;
+    env.relay_all().await;
+    run_until_idle(&env.pool, &env.bus, Arc::new(copy), test_worker_config())
+        .await
+        .expect("fresh build");
+    assert_same_model(&env.pool, "fresh_").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_under_live_writes_matches_a_fresh_incremental_build() {
     let env = Env::new(2).await;
-    let indexes_before = index_names(&env, "members").await;
+    let schema_before = schema(&env).await;
     // A founder who never leaves: readers must always see at least them.
     let (home, founder) = (Uuid::new_v4(), Uuid::new_v4());
     let founded = env
@@ -107,8 +146,11 @@ async fn rebuild_under_live_writes_matches_a_fresh_incremental_build() {
         members::member_count(&env.pool, home).await.unwrap_or(0) > 3
     })
     .await;
+    // Several chunks, each of several batches: rows carry over between batches in memory and
+    // between chunks through the tables.
     let config = RebuildConfig {
         batch_size: 150,
+        chunk_size: 400,
         switch_gap: 40,
         max_passes: 5,
         ..RebuildConfig::default()
@@ -185,9 +227,9 @@ async fn rebuild_under_live_writes_matches_a_fresh_incremental_build() {
     assert_eq!(m.state, ProjectionState::Running);
     assert!(m.rebuild.is_none());
     assert_eq!(
-        index_names(&env, "members").await,
-        indexes_before,
-        "index names survive the swap"
+        schema(&env).await,
+        schema_before,
+        "index and constraint names survive the swap"
     );
     let leftovers: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename LIKE '%\\_\\_rebuild' OR tablename LIKE '%\\_\\_old'")
         .fetch_one(&env.pool)
@@ -223,6 +265,7 @@ async fn interrupted_rebuild_resumes_from_its_cursor() {
     // Crash a rebuild part-way (the task is aborted, as a killed process would be).
     let config = RebuildConfig {
         batch_size: 50,
+        chunk_size: 100,
         switch_gap: 0,
         max_passes: 5,
         ..RebuildConfig::default()
@@ -285,4 +328,227 @@ async fn interrupted_rebuild_resumes_from_its_cursor() {
             scenario.active_count(*c)
         );
     }
+}
+
+/// A log of new rows only (as a first rebuild of a long log mostly sees) is folded into shadow
+/// tables without their primary keys, built once at the end. A crash in that state resumes:
+/// the keys are built before anything is looked up, and later events that change stored rows
+/// (leaving, role changes, registrations after joining) fold as live workers fold them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_without_keys_resumes_after_a_crash_and_matches_live_fold() {
+    let env = Env::new(2).await;
+    let schema_before = schema(&env).await;
+    let communities = uuids(3);
+    let users = uuids(240);
+    let mut last = LogPosition::ZERO;
+    let mut written = 0u64;
+    for (i, u) in users.iter().enumerate() {
+        let c = communities[i % communities.len()];
+        let mut events = Vec::new();
+        // Half register before joining, the others only in the second part.
+        if i % 2 == 0 {
+            events.push(registered(*u, &format!("user-{i}")));
+        }
+        events.push(joined(c, *u, Role::Member));
+        written += events.len() as u64;
+        last = last.max(env.writer.write(&events).await);
+    }
+    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
+        rookery_store::log::committed_head(&env.pool)
+            .await
+            .ok()
+            .flatten()
+            >= Some(last)
+    })
+    .await;
+
+    let config = RebuildConfig {
+        batch_size: 30,
+        chunk_size: 60,
+        switch_gap: 0,
+        max_passes: 5,
+        ..RebuildConfig::default()
+    };
+    // The rebuild stops dead once 120 events are committed to the shadow tables, as a killed
+    // process would (its task unwinds; its locks go with its sessions).
+    let crashed = {
+        let (pool, config) = (env.pool.clone(), config.clone());
+        tokio::spawn(async move {
+            rebuild_with(&pool, members_projection(), 2, &config, |p| {
+                assert!(p.done < 120, "crash");
+            })
+            .await
+        })
+    };
+    assert!(crashed.await.is_err(), "the rebuild crashed");
+    assert!(
+        constraints(&env, "members__rebuild").await.is_empty()
+            && constraints(&env, "member_users__rebuild").await.is_empty(),
+        "the crash left shadow tables without keys"
+    );
+
+    // More events, changing rows the first part stored.
+    for (i, u) in users.iter().enumerate() {
+        let c = communities[i % communities.len()];
+        let mut events = Vec::new();
+        if i % 2 == 1 {
+            events.push(registered(*u, &format!("late-{i}")));
+        }
+        match i % 3 {
+            0 => events.push(Ev::M(MembershipEvent::MemberLeft {
+                community_id: c,
+                user_id: *u,
+            })),
+            1 => events.push(Ev::M(MembershipEvent::MemberRoleChanged {
+                community_id: c,
+                user_id: *u,
+                from: Role::Member,
+                to: Role::Moderator,
+            })),
+            _ => {}
+        }
+        if events.is_empty() {
+            continue;
+        }
+        written += events.len() as u64;
+        last = last.max(env.writer.write(&events).await);
+    }
+    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
+        rookery_store::log::committed_head(&env.pool)
+            .await
+            .ok()
+            .flatten()
+            >= Some(last)
+    })
+    .await;
+
+    let report = crate::support::retry_until_lock_free(|| {
+        rebuild_with(&env.pool, members_projection(), 2, &config, |_| {})
+    })
+    .await;
+    assert!(report.resumed, "{report}");
+    assert_eq!(report.total, written, "{report}");
+    assert!(
+        report.events < written,
+        "only the rest was folded: {report}"
+    );
+    assert_eq!(
+        schema(&env).await,
+        schema_before,
+        "the keys are back, named as before"
+    );
+    assert_matches_incremental_build(&env).await;
+}
+
+/// Events that cannot be folded are parked by the rebuild, visibly, and the rest folds as the
+/// live path folds it (which parks the same events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_parks_poison_events_and_folds_the_rest() {
+    let env = Env::new(2).await;
+    let mut scenario = Scenario::new(7, uuids(2), uuids(25));
+    let mut poison = Vec::new();
+    for i in 0..120 {
+        env.writer.write(&scenario.step()).await;
+        if i % 40 == 20 {
+            // Decodes as JSON but not as a membership event.
+            poison.push(
+                env.writer
+                    .write_raw(vec![RawEvent {
+                        aggregate_type: "membership".into(),
+                        aggregate_id: Uuid::new_v4().to_string(),
+                        event_type: "MemberJoined".into(),
+                        payload: serde_json::json!({"MemberJoined": {"community_id": i}}),
+                        metadata: crate::support::metadata(crate::support::at(i)),
+                    }])
+                    .await,
+            );
+        }
+    }
+    let last = env.writer.write(&scenario.step()).await;
+    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
+        rookery_store::log::committed_head(&env.pool)
+            .await
+            .ok()
+            .flatten()
+            >= Some(last)
+    })
+    .await;
+
+    let config = RebuildConfig {
+        batch_size: 25,
+        chunk_size: 50,
+        switch_gap: 0,
+        ..RebuildConfig::default()
+    };
+    let report = rebuild_with(&env.pool, members_projection(), 2, &config, |_| {})
+        .await
+        .expect("rebuild");
+    assert_eq!(report.parked, poison.len() as u64, "{report}");
+    let letters = rookery_projections::dead_letters::list(&env.pool, Some(NAME), false)
+        .await
+        .expect("dead letters");
+    let mut parked: Vec<_> = letters.iter().filter_map(|l| l.position).collect();
+    parked.sort();
+    assert_eq!(parked, poison);
+    assert!(letters
+        .iter()
+        .all(|l| l.parked_by == "rebuild" && l.event.is_some() && l.error.contains("decode")));
+    let s = status(&env.pool, env.partitions()).await.expect("status");
+    let m = s.iter().find(|p| p.name == NAME).expect("members");
+    assert_eq!(m.dead_letters, poison.len() as i64);
+    assert_matches_incremental_build(&env).await;
+}
+
+/// The members projection without its bulk fold: what any projection gets by default.
+struct BatchByBatch;
+
+impl Projection for BatchByBatch {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn version(&self) -> i32 {
+        MembersProjection.version()
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        MembersProjection.tables()
+    }
+    fn apply<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        tables: &'a rookery_projections::TableNames,
+        events: &'a [rookery_events::RecordedEvent],
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<()>> {
+        MembersProjection.apply(conn, tables, events)
+    }
+}
+
+/// A projection without a bulk fold is rebuilt through its `apply`, batch by batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_without_a_bulk_fold_applies_batch_by_batch() {
+    let env = Env::new(2).await;
+    let schema_before = schema(&env).await;
+    let mut scenario = Scenario::new(3, uuids(2), uuids(30));
+    let mut last = LogPosition::ZERO;
+    for _ in 0..150 {
+        last = last.max(env.writer.write(&scenario.step()).await);
+    }
+    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
+        rookery_store::log::committed_head(&env.pool)
+            .await
+            .ok()
+            .flatten()
+            >= Some(last)
+    })
+    .await;
+    let config = RebuildConfig {
+        batch_size: 40,
+        switch_gap: 0,
+        ..RebuildConfig::default()
+    };
+    let report = rebuild_with(&env.pool, Arc::new(BatchByBatch), 2, &config, |_| {})
+        .await
+        .expect("rebuild");
+    assert_eq!(report.total, scenario.events, "{report}");
+    assert_eq!(schema(&env).await, schema_before);
+    assert_matches_incremental_build(&env).await;
 }

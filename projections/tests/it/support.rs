@@ -68,7 +68,7 @@ impl Env {
         let relay = Relay::new(self.pool.clone(), self.bus.clone(), RelayConfig::default());
         let last: Option<(i64, i64)> = sqlx::query_as(
             "SELECT transaction_id::text::bigint, global_position FROM events
-             ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+             ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await
