@@ -38,21 +38,31 @@ fn rebuild_shows_progress_and_status_shows_position_and_lag() {
         .unwrap();
     });
 
-    let out = rookery(&["projections", "status"], &db.url);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("members"))
-        .expect("members row");
-    assert!(
-        line.contains(" 300 "),
-        "300 events not yet applied: {stdout}"
-    );
+    // Lag counts committed-safe events only, and that horizon is server-wide: another test's
+    // open transaction can hold the 300 back for a moment, so poll with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = rookery(&["projections", "status"], &db.url);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("members"))
+            .expect("members row")
+            .to_string();
+        if line.contains(" 300 ") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "300 events not yet applied: {stdout}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     let out = rookery(&["projections", "rebuild", "members"], &db.url);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -140,10 +140,12 @@ pub fn stream_committed(
 /// The last committed event's key that no in-flight transaction can precede (the commit-safe
 /// head), or `None` for an empty log.
 pub async fn committed_head(pool: &PgPool) -> Result<Option<LogPosition>, sqlx::Error> {
+    // Qualified in ORDER BY: the bare name means the select list's bigint cast, which no index
+    // serves, so every call sorted the whole log.
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, global_position FROM events
          WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
