@@ -241,7 +241,7 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
         tracing::info!(projection = name, version = p.version(), %cursor, resumed, "rebuild started");
 
         loop {
-            let Some(head) = committed_head(&mut *self.pool.acquire().await?).await? else {
+            let Some(head) = log::committed_head(self.pool).await? else {
                 break;
             };
             if head <= cursor {
@@ -798,7 +798,10 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
         let locked = checkpoints::lock_all(&mut tx, name)
             .await
             .context("locking the checkpoints")?;
-        let head = committed_head(&mut tx).await?.unwrap_or(cursor).max(cursor);
+        let head = log::committed_head(&mut *tx)
+            .await?
+            .unwrap_or(cursor)
+            .max(cursor);
         if let Some(ahead) = locked.iter().find(|c| c.position > head) {
             // Live workers only apply relayed events, which are below the committed head; a
             // checkpoint beyond it means the log was tampered with.
@@ -1289,49 +1292,26 @@ struct RawEntry {
     partition_key: u32,
 }
 
-/// `log::stream_committed` with payload and metadata as JSON text: the same events in the same
-/// order (`upto` is at most the commit-safe head, so the range alone is commit-safe).
+/// The range as [`RawEntry`]s (`upto` is at most the commit-safe head, so the range alone is
+/// commit-safe).
 fn stream_raw(
     pool: &PgPool,
     after: LogPosition,
     upto: LogPosition,
 ) -> impl futures::Stream<Item = Result<RawEntry, sqlx::Error>> + Send + '_ {
-    sqlx::query(
-        "SELECT transaction_id::text::bigint, global_position, aggregate_type, aggregate_id,
-                sequence, event_type, event_version, payload::text, metadata::text, partition_key
-         FROM events
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
-           AND (transaction_id, global_position) <= ($3::bigint::text::xid8, $4)
-         ORDER BY transaction_id, global_position",
-    )
-    .bind(after.txid_i64())
-    .bind(after.gpos)
-    .bind(upto.txid_i64())
-    .bind(upto.gpos)
-    .try_map(|row: sqlx::postgres::PgRow| {
-        use sqlx::Row as _;
-        // By index (a name lookup per column and row shows at this rate), without checking
-        // each value's type against the one the query above selects.
-        let partition_key: i64 = row.try_get_unchecked(9)?;
-        Ok(RawEntry {
-            event: RawEvent {
-                position: LogPosition::from_db(
-                    row.try_get_unchecked(0)?,
-                    row.try_get_unchecked(1)?,
-                ),
-                aggregate_type: row.try_get_unchecked(2)?,
-                aggregate_id: row.try_get_unchecked(3)?,
-                sequence: row.try_get_unchecked(4)?,
-                event_type: row.try_get_unchecked(5)?,
-                event_version: row.try_get_unchecked(6)?,
-                payload: row.try_get_unchecked(7)?,
-                metadata: row.try_get_unchecked(8)?,
-            },
-            // As `LogEntry` has it.
-            partition_key: u32::try_from(partition_key).unwrap_or(0),
-        })
+    log::stream_committed_raw(pool, after, upto, |e| RawEntry {
+        event: RawEvent {
+            position: e.position,
+            aggregate_type: e.aggregate_type.to_owned(),
+            aggregate_id: e.aggregate_id.to_owned(),
+            sequence: e.sequence,
+            event_type: e.event_type.to_owned(),
+            event_version: e.event_version.to_owned(),
+            payload: e.payload.to_owned(),
+            metadata: e.metadata.to_owned(),
+        },
+        partition_key: e.partition_key,
     })
-    .fetch(pool)
 }
 
 /// How many events follow `after` (committed or not, as `log::count_after`), counting no
@@ -1352,21 +1332,6 @@ async fn count_after_at_most(
     .bind(limit)
     .fetch_one(pool)
     .await
-}
-
-/// The commit-safe head (as `log::committed_head`), on the caller's connection: the switch
-/// reads it after taking its locks.
-async fn committed_head(conn: &mut PgConnection) -> anyhow::Result<Option<LogPosition>> {
-    // The ORDER BY names the table's columns: bare, `transaction_id` would be the select list's
-    // bigint of that name, which no index serves (a sort of the whole log per call).
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position FROM events
-         WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.map(|(t, g)| LogPosition::from_db(t, g)))
 }
 
 /// Keys that may be present, with false positives but never a false negative (a blocked Bloom

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use futures::Stream;
 use rookery_events::{LogPosition, RecordedEvent};
 use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row};
 
 /// A recorded event plus the storage facts the bus needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +83,17 @@ impl RawLogEntry<'_> {
     }
 }
 
+/// The select list [`decode_raw`] reads by index. Aliased: an output column named
+/// `transaction_id` would capture an `ORDER BY transaction_id` and sort by the bigint, which no
+/// index provides (a full scan and sort per call).
+macro_rules! raw_columns {
+    () => {
+        "transaction_id::text::bigint AS txid, global_position, aggregate_type, aggregate_id, \
+         sequence, event_type, event_version, payload::text AS payload, \
+         metadata::text AS metadata, partition_key, recorded_at"
+    };
+}
+
 /// [`read_committed`] with each row handed to `map` as a [`RawLogEntry`]: the same events, the
 /// same order and the same commit-safety.
 pub async fn read_committed_raw<T, F>(
@@ -95,16 +106,15 @@ where
     F: FnMut(RawLogEntry<'_>) -> T + Send,
     T: Send + Unpin,
 {
-    // Aliased: an output column named `transaction_id` would capture the ORDER BY below and
-    // sort by the bigint, which no index provides (a full scan and sort per batch).
-    const SQL: &str = "SELECT transaction_id::text::bigint AS txid, global_position, \
-         aggregate_type, aggregate_id, sequence, event_type, event_version, \
-         payload::text AS payload, metadata::text AS metadata, partition_key, recorded_at
-         FROM events
+    const SQL: &str = concat!(
+        "SELECT ",
+        raw_columns!(),
+        " FROM events
          WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
          ORDER BY transaction_id, global_position
-         LIMIT $3";
+         LIMIT $3"
+    );
     sqlx::query(SQL)
         .bind(after.txid_i64())
         .bind(after.gpos)
@@ -137,9 +147,41 @@ pub fn stream_committed(
         .fetch(pool)
 }
 
+/// [`stream_committed`] with each row handed to `map` as a [`RawLogEntry`] (rebuilds decode the
+/// JSON text straight into their own types).
+pub fn stream_committed_raw<'p, T, F>(
+    pool: &'p PgPool,
+    after: LogPosition,
+    upto: LogPosition,
+    mut map: F,
+) -> impl Stream<Item = Result<T, sqlx::Error>> + Send + 'p
+where
+    F: FnMut(RawLogEntry<'_>) -> T + Send + 'p,
+    T: Send + Unpin + 'p,
+{
+    const SQL: &str = concat!(
+        "SELECT ",
+        raw_columns!(),
+        " FROM events
+         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
+           AND (transaction_id, global_position) <= ($3::bigint::text::xid8, $4)
+         ORDER BY transaction_id, global_position"
+    );
+    sqlx::query(SQL)
+        .bind(after.txid_i64())
+        .bind(after.gpos)
+        .bind(upto.txid_i64())
+        .bind(upto.gpos)
+        .try_map(move |row: PgRow| Ok(map(decode_raw(&row)?)))
+        .fetch(pool)
+}
+
 /// The last committed event's key that no in-flight transaction can precede (the commit-safe
-/// head), or `None` for an empty log.
-pub async fn committed_head(pool: &PgPool) -> Result<Option<LogPosition>, sqlx::Error> {
+/// head), or `None` for an empty log. On a pool, or on a connection that holds locks.
+pub async fn committed_head<'c, E>(executor: E) -> Result<Option<LogPosition>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
     // Qualified in ORDER BY: the bare name means the select list's bigint cast, which no index
     // serves, so every call sorted the whole log.
     let row: Option<(i64, i64)> = sqlx::query_as(
@@ -147,7 +189,7 @@ pub async fn committed_head(pool: &PgPool) -> Result<Option<LogPosition>, sqlx::
          WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
          ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
     )
-    .fetch_optional(pool)
+    .fetch_optional(executor)
     .await?;
     Ok(row.map(|(t, g)| LogPosition::from_db(t, g)))
 }
@@ -181,7 +223,7 @@ fn decode(row: &PgRow) -> Result<LogEntry, sqlx::Error> {
     })
 }
 
-/// By column index, in the order of [`read_committed_raw`]'s select list: a name lookup per
+/// By column index, in the order of `raw_columns!`: a name lookup per
 /// column and row is measurable at the relay's rate.
 fn decode_raw(row: &PgRow) -> Result<RawLogEntry<'_>, sqlx::Error> {
     let partition_key: i64 = row.try_get(9)?;
