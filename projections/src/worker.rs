@@ -475,19 +475,20 @@ impl PartitionRun {
                 }
             };
             if deliveries.is_empty() {
-                // Read before asking what is pending: if nothing is, every event up to this
-                // cursor is on the stream and was handled.
+                // Read before asking what is pending: if nothing is (not on the server, not
+                // prefetched, not unacknowledged), every event up to this cursor is on the stream
+                // and was handled.
                 let relay_cursor = rookery_store::relay::load_cursor(
                     &self.shared.pool,
                     &self.shared.bus.config().stream,
                 )
                 .await
                 .ok();
-                let pending = match self.consumer.as_mut() {
-                    Some(c) => c.num_pending().await.ok(),
+                let drained = match self.consumer.as_mut() {
+                    Some(c) => c.is_drained().await.ok(),
                     None => None,
                 };
-                if pending == Some(0) {
+                if drained == Some(true) {
                     if let Some(cursor) = relay_cursor {
                         self.raise_floor(cursor).await;
                     }
@@ -609,6 +610,20 @@ impl PartitionRun {
                 }
                 last_seq = last_seq.max(d.stream_seq);
             }
+            // Before the read model's writes, so that the rows every partition shares (counts)
+            // stay locked only until the commit right after them. The row is ours already.
+            if last_seq > cp.stream_seq || last_key > cp.position {
+                checkpoints::advance(
+                    &mut tx,
+                    name,
+                    self.partition,
+                    last_key,
+                    last_seq,
+                    events.len() as i64,
+                )
+                .await
+                .context("saving the checkpoint")?;
+            }
             if !events.is_empty() {
                 if let Err(e) = shared
                     .projection
@@ -639,18 +654,6 @@ impl PartitionRun {
             }
             done.applied = events.len() as u64;
             done.parked = parks.len() as u64;
-            if last_seq > cp.stream_seq || last_key > cp.position {
-                checkpoints::advance(
-                    &mut tx,
-                    name,
-                    self.partition,
-                    last_key,
-                    last_seq,
-                    events.len() as i64,
-                )
-                .await
-                .context("saving the checkpoint")?;
-            }
             tx.commit().await.context("committing the batch")?;
             tracing::Span::current().record("events", events.len());
             return Ok(BatchOutcome::Committed(done));

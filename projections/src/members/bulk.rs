@@ -176,7 +176,7 @@ impl MembersBulk {
         for id in new_users {
             self.current.load_user(id, None);
         }
-        load_users(conn, &self.t, true, &load_users_, &mut self.current)
+        load_users(conn, &self.t, &load_users_, &mut self.current)
             .await
             .context("loading member_users")?;
         for (key, row) in flying_members {

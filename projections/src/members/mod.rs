@@ -91,12 +91,14 @@ async fn apply(
     let t = Tables::new(tables)?;
     let needs = fold::needs(&changes);
     let mut state = Fold::default();
-    load_users(conn, &t, tables.exclusive(), &needs.users, &mut state)
+    if !tables.exclusive() {
+        create_user_rows(conn, &t, &needs.users)
+            .await
+            .context("creating member_users rows to lock")?;
+    }
+    load_live(conn, &t, tables.exclusive(), &needs, &mut state)
         .await
-        .context("loading member_users")?;
-    load_members(conn, &t, &needs.members, &mut state)
-        .await
-        .context("loading members")?;
+        .context("loading member_users and members")?;
     for change in &changes {
         state.apply(change);
     }
@@ -121,37 +123,104 @@ impl Tables {
     }
 }
 
-/// Loads (and locks, in user-id order) the `member_users` rows of `users` (sorted), creating
-/// empty ones first so there is always a row to lock. With exclusive tables (a rebuild) there
-/// is nobody to lock against: missing rows are created by the batch's write.
-async fn load_users(
+/// Creates an empty `member_users` row for each of `users` (sorted) that has none, so that
+/// there is always a row to lock (see the module docs).
+async fn create_user_rows(
+    conn: &mut PgConnection,
+    t: &Tables,
+    users: &[Uuid],
+) -> anyhow::Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {} (user_id, username)
+         SELECT u, '' FROM UNNEST($1::uuid[]) AS t(u) ORDER BY u
+         ON CONFLICT (user_id) DO NOTHING",
+        t.users
+    ))
+    .bind(users)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Loads (and, unless `exclusive`, locks in user-id order) the `member_users` rows and the
+/// `members` rows a live batch needs, in one statement.
+///
+/// The member rows are read in the statement's snapshot, which may predate a lock wait on
+/// their user: a registration that committed meanwhile renamed them. Only the username can be
+/// stale (every other column is written by this partition alone, the membership aggregate
+/// being the pair), and the fold gives every row it writes its user row's username, which
+/// `FOR UPDATE` returns as last committed.
+async fn load_live(
     conn: &mut PgConnection,
     t: &Tables,
     exclusive: bool,
+    needs: &fold::Needs,
+    state: &mut Fold,
+) -> anyhow::Result<()> {
+    if needs.users.is_empty() && needs.members.is_empty() {
+        return Ok(());
+    }
+    let lock = if exclusive { "" } else { "FOR UPDATE" };
+    let (communities, member_users): (Vec<Uuid>, Vec<Uuid>) = needs.members.iter().copied().unzip();
+    let rows = sqlx::query(&format!(
+        "WITH u AS (SELECT user_id, username, identities FROM {users}
+                    WHERE user_id = ANY($1) ORDER BY user_id {lock})
+         SELECT NULL::uuid AS community_id, user_id, username, identities, NULL::text AS role,
+                NULL::text AS status, NULL::timestamptz AS joined_at,
+                NULL::timestamptz AS updated_at, NULL::bigint AS txid, NULL::bigint AS gpos
+         FROM u
+         UNION ALL
+         SELECT {MEMBER_COLUMNS}
+         FROM UNNEST($2::uuid[], $3::uuid[]) AS k(c, u)
+         CROSS JOIN LATERAL (SELECT * FROM {members} m
+                             WHERE m.community_id = k.c AND m.user_id = k.u) m",
+        users = t.users,
+        members = t.members,
+    ))
+    .bind(&needs.users)
+    .bind(&communities)
+    .bind(&member_users)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut users = std::collections::HashMap::with_capacity(needs.users.len());
+    let mut members = std::collections::HashMap::with_capacity(needs.members.len());
+    for row in rows {
+        match row.try_get::<Option<Uuid>, _>("community_id")? {
+            None => {
+                let (id, user) = user_row(&row)?;
+                users.insert(id, user);
+            }
+            Some(_) => {
+                let (key, member) = member_row(&row)?;
+                members.insert(key, member);
+            }
+        }
+    }
+    for id in &needs.users {
+        // A missing row becomes the same empty row the locking path creates up front.
+        state.load_user(*id, users.remove(id));
+    }
+    for key in &needs.members {
+        state.load_member(*key, members.remove(key));
+    }
+    Ok(())
+}
+
+/// Loads the `member_users` rows of `users` (a rebuild's: nobody to lock against).
+async fn load_users(
+    conn: &mut PgConnection,
+    t: &Tables,
     users: &[Uuid],
     state: &mut Fold,
 ) -> anyhow::Result<()> {
     if users.is_empty() {
         return Ok(());
     }
-    if !exclusive {
-        sqlx::query(&format!(
-            "INSERT INTO {} (user_id, username)
-             SELECT u, '' FROM UNNEST($1::uuid[]) AS t(u) ORDER BY u
-             ON CONFLICT (user_id) DO NOTHING",
-            t.users
-        ))
-        .bind(users)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let lock = if exclusive {
-        ""
-    } else {
-        "ORDER BY user_id FOR UPDATE"
-    };
     let rows = sqlx::query(&format!(
-        "SELECT user_id, username, identities FROM {} WHERE user_id = ANY($1) {lock}",
+        "SELECT user_id, username, identities FROM {} WHERE user_id = ANY($1)",
         t.users
     ))
     .bind(users)
@@ -159,21 +228,44 @@ async fn load_users(
     .await?;
     let mut found = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
-        let identities: serde_json::Value = row.try_get("identities")?;
-        let identities = serde_json::from_value(identities).context("member_users.identities")?;
-        found.insert(
-            row.try_get::<Uuid, _>("user_id")?,
-            UserRow {
-                username: row.try_get("username")?,
-                identities,
-            },
-        );
+        let (id, user) = user_row(&row)?;
+        found.insert(id, user);
     }
     for id in users {
-        // A missing row becomes the same empty row the locking path inserts up front.
         state.load_user(*id, found.remove(id));
     }
     Ok(())
+}
+
+fn user_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<(Uuid, UserRow)> {
+    let identities: serde_json::Value = row.try_get("identities")?;
+    let identities = serde_json::from_value(identities).context("member_users.identities")?;
+    Ok((
+        row.try_get("user_id")?,
+        UserRow {
+            username: row.try_get("username")?,
+            identities,
+        },
+    ))
+}
+
+const MEMBER_COLUMNS: &str = "m.community_id, m.user_id, m.username, NULL::jsonb AS identities, \
+    m.role, m.status, m.joined_at, m.updated_at, m.txid, m.gpos";
+
+fn member_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<((Uuid, Uuid), MemberRow)> {
+    let role: String = row.try_get("role")?;
+    let status: String = row.try_get("status")?;
+    Ok((
+        (row.try_get("community_id")?, row.try_get("user_id")?),
+        MemberRow {
+            username: row.try_get("username")?,
+            role: role.parse::<Role>()?,
+            status: status.parse::<MemberStatus>()?,
+            joined_at: row.try_get("joined_at")?,
+            updated_at: row.try_get("updated_at")?,
+            key: LogPosition::from_db(row.try_get("txid")?, row.try_get("gpos")?),
+        },
+    ))
 }
 
 async fn load_members(
@@ -186,11 +278,13 @@ async fn load_members(
         return Ok(());
     }
     let (communities, users): (Vec<Uuid>, Vec<Uuid>) = keys.iter().copied().unzip();
+    // A lateral lookup per key: a plain join of the key list may be planned (and the plan
+    // cached) as a scan of the whole table while it is still small.
     let rows = sqlx::query(&format!(
-        "SELECT m.community_id, m.user_id, m.username, m.role, m.status, m.joined_at, m.updated_at,
-                m.txid, m.gpos
-         FROM {} m JOIN UNNEST($1::uuid[], $2::uuid[]) AS k(c, u)
-           ON m.community_id = k.c AND m.user_id = k.u",
+        "SELECT {MEMBER_COLUMNS}
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS k(c, u)
+         CROSS JOIN LATERAL (SELECT * FROM {} m
+                             WHERE m.community_id = k.c AND m.user_id = k.u) m",
         t.members
     ))
     .bind(&communities)
@@ -199,23 +293,8 @@ async fn load_members(
     .await?;
     let mut found = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
-        let role: String = row.try_get("role")?;
-        let status: String = row.try_get("status")?;
-        let member = MemberRow {
-            username: row.try_get("username")?,
-            role: role.parse::<Role>()?,
-            status: status.parse::<MemberStatus>()?,
-            joined_at: row.try_get("joined_at")?,
-            updated_at: row.try_get("updated_at")?,
-            key: LogPosition::from_db(row.try_get("txid")?, row.try_get("gpos")?),
-        };
-        found.insert(
-            (
-                row.try_get::<Uuid, _>("community_id")?,
-                row.try_get::<Uuid, _>("user_id")?,
-            ),
-            member,
-        );
+        let (key, member) = member_row(&row)?;
+        found.insert(key, member);
     }
     for key in keys {
         state.load_member(*key, found.remove(key));
@@ -232,8 +311,9 @@ enum Insert {
     Copy,
 }
 
-/// Writes the changed rows back: one statement per table (two with `COPY`), rows in key order
-/// (a stable lock order between concurrent partitions).
+/// Writes the changed rows back in key order (a stable lock order between concurrent
+/// partitions): rows for `COPY` first, then one statement whose data-modifying parts upsert
+/// users, upsert members, carry new usernames to member rows not held, and add to the counts.
 async fn write(
     conn: &mut PgConnection,
     t: &Tables,
@@ -262,30 +342,6 @@ async fn write(
         .await
         .context("copying member_users")?;
     }
-    if !upsert_users.is_empty() {
-        let mut ids = Vec::with_capacity(upsert_users.len());
-        let mut names = Vec::with_capacity(upsert_users.len());
-        let mut identities = Vec::with_capacity(upsert_users.len());
-        for (id, slot) in upsert_users {
-            ids.push(id);
-            names.push(slot.row.username.as_str());
-            identities.push(serde_json::to_value(&slot.row.identities)?);
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {} (user_id, username, identities)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[])
-             ON CONFLICT (user_id) DO UPDATE
-             SET username = EXCLUDED.username, identities = EXCLUDED.identities",
-            t.users
-        ))
-        .bind(&ids)
-        .bind(&names)
-        .bind(&identities)
-        .execute(&mut *conn)
-        .await
-        .context("writing member_users")?;
-    }
-
     let members = state.dirty_members();
     let (copy_members, upsert_members): (Vec<_>, Vec<_>) = members
         .into_iter()
@@ -315,38 +371,102 @@ async fn write(
         .await
         .context("copying members")?;
     }
-    if !upsert_members.is_empty() {
-        let n = upsert_members.len();
-        let mut cs = Vec::with_capacity(n);
-        let mut us = Vec::with_capacity(n);
-        let mut names = Vec::with_capacity(n);
-        let mut roles = Vec::with_capacity(n);
-        let mut statuses = Vec::with_capacity(n);
-        let mut joined: Vec<DateTime<Utc>> = Vec::with_capacity(n);
-        let mut updated: Vec<DateTime<Utc>> = Vec::with_capacity(n);
-        let mut txids = Vec::with_capacity(n);
-        let mut gposs = Vec::with_capacity(n);
-        for (key, m, _) in upsert_members {
-            cs.push(key.0);
-            us.push(key.1);
-            names.push(m.username.as_str());
-            roles.push(m.role.as_str());
-            statuses.push(m.status.as_str());
-            joined.push(m.joined_at);
-            updated.push(m.updated_at);
-            txids.push(m.key.txid_i64());
-            gposs.push(m.key.gpos);
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {} (community_id, user_id, username, role, status, joined_at, updated_at, txid, gpos)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[], $8::bigint[], $9::bigint[])
-             ON CONFLICT (community_id, user_id) DO UPDATE
-             SET username = EXCLUDED.username, role = EXCLUDED.role, status = EXCLUDED.status,
-                 joined_at = EXCLUDED.joined_at, updated_at = EXCLUDED.updated_at,
-                 txid = EXCLUDED.txid, gpos = EXCLUDED.gpos",
+
+    let mut u_ids = Vec::with_capacity(upsert_users.len());
+    let mut u_names = Vec::with_capacity(upsert_users.len());
+    let mut u_identities = Vec::with_capacity(upsert_users.len());
+    for (id, slot) in upsert_users {
+        u_ids.push(id);
+        u_names.push(slot.row.username.as_str());
+        u_identities.push(serde_json::to_value(&slot.row.identities)?);
+    }
+    let n = upsert_members.len();
+    let mut cs = Vec::with_capacity(n);
+    let mut us = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut roles = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut joined: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+    let mut updated: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+    let mut txids = Vec::with_capacity(n);
+    let mut gposs = Vec::with_capacity(n);
+    for (key, m, _) in upsert_members {
+        cs.push(key.0);
+        us.push(key.1);
+        names.push(m.username.as_str());
+        roles.push(m.role.as_str());
+        statuses.push(m.status.as_str());
+        joined.push(m.joined_at);
+        updated.push(m.updated_at);
+        txids.push(m.key.txid_i64());
+        gposs.push(m.key.gpos);
+    }
+    // Rows of a user that was not stored cannot exist either (a member row's user row is
+    // written with it), so only stored users' rows not held here need the new name.
+    let (r_ids, r_names): (Vec<Uuid>, Vec<&str>) = state
+        .renamed()
+        .into_iter()
+        .filter(|(_, _, stored)| *stored)
+        .map(|(id, name, _)| (id, name))
+        .unzip();
+    let (c_ids, c_deltas): (Vec<Uuid>, Vec<i64>) =
+        state.count_delta().iter().map(|(k, v)| (*k, *v)).unzip();
+
+    let mut parts: Vec<String> = Vec::with_capacity(4);
+    if !u_ids.is_empty() {
+        parts.push(format!(
+            "u AS (INSERT INTO {} (user_id, username, identities)
+                   SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[])
+                   ON CONFLICT (user_id) DO UPDATE
+                   SET username = EXCLUDED.username, identities = EXCLUDED.identities)",
+            t.users
+        ));
+    }
+    if !cs.is_empty() {
+        parts.push(format!(
+            "m AS (INSERT INTO {} (community_id, user_id, username, role, status, joined_at,
+                                   updated_at, txid, gpos)
+                   SELECT * FROM UNNEST($4::uuid[], $5::uuid[], $6::text[], $7::text[],
+                                        $8::text[], $9::timestamptz[], $10::timestamptz[],
+                                        $11::bigint[], $12::bigint[])
+                   ON CONFLICT (community_id, user_id) DO UPDATE
+                   SET username = EXCLUDED.username, role = EXCLUDED.role,
+                       status = EXCLUDED.status, joined_at = EXCLUDED.joined_at,
+                       updated_at = EXCLUDED.updated_at, txid = EXCLUDED.txid,
+                       gpos = EXCLUDED.gpos)",
             t.members
-        ))
+        ));
+    }
+    if !r_ids.is_empty() {
+        // Rows the upsert above writes already carry the name (one statement must not
+        // modify a row twice).
+        parts.push(format!(
+            "r AS (UPDATE {m} SET username = r.username
+                   FROM UNNEST($13::uuid[], $14::text[]) AS r(user_id, username)
+                   WHERE {m}.user_id = r.user_id AND {m}.username IS DISTINCT FROM r.username
+                     AND NOT EXISTS (SELECT 1 FROM UNNEST($4::uuid[], $5::uuid[]) AS w(c, u)
+                                     WHERE w.c = {m}.community_id AND w.u = {m}.user_id))",
+            m = t.members
+        ));
+    }
+    if !c_ids.is_empty() {
+        parts.push(format!(
+            "c AS (INSERT INTO {c} (community_id, member_count)
+                   SELECT * FROM UNNEST($15::uuid[], $16::bigint[]) AS d(community_id, delta)
+                   ORDER BY 1
+                   ON CONFLICT (community_id) DO UPDATE
+                   SET member_count = {c}.member_count + EXCLUDED.member_count)",
+            c = t.counts
+        ));
+    }
+    if parts.is_empty() {
+        return Ok(());
+    }
+    // Every parameter is bound (empty arrays for absent parts), so the numbering is fixed.
+    sqlx::query(&format!("WITH {} SELECT 1", parts.join(",\n")))
+        .bind(&u_ids)
+        .bind(&u_names)
+        .bind(&u_identities)
         .bind(&cs)
         .bind(&us)
         .bind(&names)
@@ -356,48 +476,12 @@ async fn write(
         .bind(&updated)
         .bind(&txids)
         .bind(&gposs)
+        .bind(&r_ids)
+        .bind(&r_names)
+        .bind(&c_ids)
+        .bind(&c_deltas)
         .execute(&mut *conn)
         .await
-        .context("writing members")?;
-    }
-
-    // Rows of a user that was not stored cannot exist either (a member row's user row is
-    // written with it), so only stored users' rows not held here need the new name.
-    let (ids, names): (Vec<Uuid>, Vec<&str>) = state
-        .renamed()
-        .into_iter()
-        .filter(|(_, _, stored)| *stored)
-        .map(|(id, name, _)| (id, name))
-        .unzip();
-    if !ids.is_empty() {
-        sqlx::query(&format!(
-            "UPDATE {m} SET username = r.username
-             FROM UNNEST($1::uuid[], $2::text[]) AS r(user_id, username)
-             WHERE {m}.user_id = r.user_id AND {m}.username IS DISTINCT FROM r.username",
-            m = t.members
-        ))
-        .bind(&ids)
-        .bind(&names)
-        .execute(&mut *conn)
-        .await
-        .context("copying usernames to member rows")?;
-    }
-
-    if !state.count_delta().is_empty() {
-        let (ids, deltas): (Vec<Uuid>, Vec<i64>) =
-            state.count_delta().iter().map(|(k, v)| (*k, *v)).unzip();
-        sqlx::query(&format!(
-            "INSERT INTO {c} (community_id, member_count)
-             SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) AS d(community_id, delta) ORDER BY 1
-             ON CONFLICT (community_id) DO UPDATE
-             SET member_count = {c}.member_count + EXCLUDED.member_count",
-            c = t.counts
-        ))
-        .bind(&ids)
-        .bind(&deltas)
-        .execute(&mut *conn)
-        .await
-        .context("writing member_counts")?;
-    }
+        .context("writing members, member_users and member_counts")?;
     Ok(())
 }

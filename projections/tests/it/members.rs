@@ -352,6 +352,82 @@ async fn registration_and_membership_converge_in_either_order() {
     );
 }
 
+/// A membership batch that waits for its user's row lock while a registration commits read its
+/// member row before the wait (member rows are read in one statement with the locking read of
+/// their users), so without the new username: the row it writes must still carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_batch_waiting_on_a_registration_keeps_its_username() {
+    let db = TestDb::create().await.expect("db");
+    let (c, u) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut log = Log::new();
+    log.m(MembershipEvent::MemberJoined {
+        community_id: c,
+        user_id: u,
+        role: Role::Member,
+    })
+    .u(
+        u,
+        UserEvent::UserRegistered {
+            user_id: u,
+            username: "ada".into(),
+            email: "ada@example.com".into(),
+        },
+    )
+    .m(MembershipEvent::MemberRoleChanged {
+        community_id: c,
+        user_id: u,
+        from: Role::Member,
+        to: Role::Moderator,
+    });
+    apply(&db.pool, &live(), &log.events[..1]).await;
+
+    // The registration's batch has locked the user's row (and written nothing yet).
+    let mut registration = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM member_users WHERE user_id = $1 FOR UPDATE")
+        .bind(u)
+        .execute(&mut *registration)
+        .await
+        .expect("lock");
+    let role_change = {
+        let (pool, events) = (db.pool.clone(), log.events[2..].to_vec());
+        tokio::spawn(async move { apply(&pool, &live(), &events).await })
+    };
+    // Wait until the role change's batch is blocked on that lock, then let it go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the role change never waited for the lock"
+        );
+        tokio::task::yield_now().await;
+    }
+    MembersProjection
+        .apply(&mut registration, &live(), &log.events[1..2])
+        .await
+        .expect("apply registration");
+    registration.commit().await.expect("commit registration");
+    role_change.await.expect("role change");
+
+    let view = members::get_member(&db.pool, c, u)
+        .await
+        .expect("get")
+        .expect("member");
+    assert_eq!(
+        (view.username.as_str(), view.role),
+        ("ada", Role::Moderator)
+    );
+}
+
 #[tokio::test]
 async fn lists_page_with_keyset_cursors_filters_and_sorts() {
     let db = TestDb::create().await.expect("db");
