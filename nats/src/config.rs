@@ -59,6 +59,11 @@ pub struct RelayConfig {
     /// Fallback poll when no NOTIFY arrives: an event held back behind an older in-flight
     /// transaction becomes readable when that transaction ends, which may send no notification.
     pub poll_interval: Duration,
+    /// Least time between the starts of two reads of a caught-up relay. Under load commits
+    /// arrive faster than this, and each read then takes all of them: a bounded delay that
+    /// turns hundreds of one-event reads, publishes and cursor saves per second into a few
+    /// larger ones. Reads that follow a full batch (catching up) never wait.
+    pub min_read_interval: Duration,
     /// How often a standby relay tries to take over.
     pub standby_retry: Duration,
 }
@@ -68,6 +73,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 2000,
             poll_interval: Duration::from_millis(100),
+            min_read_interval: Duration::from_millis(2),
             standby_retry: Duration::from_secs(1),
         }
     }

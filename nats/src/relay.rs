@@ -496,7 +496,13 @@ async fn read_ahead(
     mut listener: Option<PgListener>,
 ) -> Option<PgListener> {
     let mut listen_retry_at = Instant::now() + LISTEN_RETRY;
+    let mut next_read_at = Instant::now();
     loop {
+        tokio::select! {
+            _ = batches.closed() => return listener,
+            _ = tokio::time::sleep_until(next_read_at) => {}
+        }
+        next_read_at = Instant::now() + config.min_read_interval;
         let read = tokio::select! {
             _ = batches.closed() => return listener,
             read = read_batch(&pool, &bus, after, config.batch_size) => read,
@@ -519,6 +525,7 @@ async fn read_ahead(
             None => stats.last_batch_unix_ms.store(now_ms(), Ordering::Relaxed),
         }
         if full {
+            next_read_at = Instant::now();
             continue;
         }
         if listener.is_none() && Instant::now() >= listen_retry_at {

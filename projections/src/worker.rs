@@ -37,6 +37,11 @@ pub struct WorkerConfig {
     /// How long a fetch waits for the first message when the partition is idle. Fetches return
     /// as soon as anything arrives, so this bounds idle polling, not latency.
     pub fetch_wait: Duration,
+    /// Least time between the starts of two batches of a partition that keeps up. Under load
+    /// events arrive faster than this, and the next batch takes all of them: a bounded delay
+    /// that turns hundreds of one-event transactions per second into a few larger ones. A
+    /// batch after a full one (catching up) never waits.
+    pub min_batch_interval: Duration,
     /// Consecutive failures on the same event before it is parked as poison.
     pub max_attempts: u32,
     /// Backoff after a failure doubles from `backoff_min` up to `backoff_max`.
@@ -55,6 +60,7 @@ impl Default for WorkerConfig {
         Self {
             batch_size: 500,
             fetch_wait: Duration::from_secs(1),
+            min_batch_interval: Duration::from_millis(3),
             max_attempts: 5,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -385,6 +391,8 @@ struct PartitionRun {
     /// The highest stream sequence this run's batches committed (or the checkpoint's when the
     /// consumer opened).
     committed_seq: u64,
+    /// When the next batch may start (see [`WorkerConfig::min_batch_interval`]).
+    next_batch_at: Instant,
 }
 
 impl PartitionRun {
@@ -400,6 +408,7 @@ impl PartitionRun {
             backoff,
             lock_checked: Instant::now(),
             committed_seq: 0,
+            next_batch_at: Instant::now(),
         }
     }
 
@@ -448,6 +457,12 @@ impl PartitionRun {
             } else {
                 config.batch_size.max(1)
             };
+            if Instant::now() < self.next_batch_at {
+                tokio::select! {
+                    () = token.cancelled() => return Ok(End::Shutdown),
+                    () = tokio::time::sleep_until(self.next_batch_at) => {}
+                }
+            }
             let Some(consumer) = self.consumer.as_mut() else {
                 continue;
             };
@@ -499,6 +514,11 @@ impl PartitionRun {
                 continue;
             }
             let started = Instant::now();
+            self.next_batch_at = if deliveries.len() >= max {
+                started
+            } else {
+                started + config.min_batch_interval
+            };
             match self.process(&deliveries).await {
                 Ok(BatchOutcome::Committed(done)) => {
                     self.after_commit(&deliveries, &done, started).await;

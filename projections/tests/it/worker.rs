@@ -517,3 +517,46 @@ async fn wait_for_position_returns_promptly_once_applied() {
     worker.await.expect("worker task").expect("worker");
     relay_task.await.expect("relay task").expect("relay");
 }
+
+/// Events that reach a busy partition one by one are applied together: a batch starts at
+/// most every `min_batch_interval`, and takes everything that arrived meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arriving_one_by_one_share_batches() {
+    let env = Env::new(1).await;
+    let config = rookery_projections::WorkerConfig {
+        min_batch_interval: Duration::from_millis(500),
+        ..test_worker_config()
+    };
+    let worker = ProjectionWorker::new(
+        env.pool.clone(),
+        env.bus.clone(),
+        members_projection(),
+        config,
+    );
+    let stats = worker.stats();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+
+    let c = Uuid::new_v4();
+    let mut last = LogPosition::ZERO;
+    for u in uuids(10) {
+        // Each event is on the stream before the next is written.
+        last = env.writer.write(&[joined(c, u, Role::Member)]).await;
+        env.relay_all().await;
+    }
+    assert!(
+        wait_for_position(&env.pool, NAME, 1, last, Duration::from_secs(20))
+            .await
+            .expect("wait")
+    );
+    assert_eq!(
+        members::member_count(&env.pool, c).await.expect("count"),
+        10
+    );
+    let batches = stats
+        .batches_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(batches <= 4, "10 events in {batches} batches");
+    stop.cancel();
+    running.await.expect("join").expect("worker");
+}
