@@ -8,8 +8,10 @@
 //! must converge either way: a membership applied before the user's registration takes `''`, and
 //! the registration then fills every member row of that user. Under concurrency this holds
 //! because every batch locks the `member_users` rows of the users it touches (creating an empty
-//! row when missing) before reading or writing their member rows: a registration and a
-//! membership of the same user never interleave.
+//! row when missing) before writing their member rows, and takes each written row's username
+//! from the locked user row: a registration and a membership of the same user never interleave.
+//! (Member rows are read in the statement that takes the locks, so a row read before a lock
+//! wait may carry an old username — which is exactly what the fold overwrites.)
 //!
 //! Rebuilds fold through the `bulk` module (the same [`Fold`], held across chunks of many
 //! batches, new rows written with `COPY`); live batches through `apply`.
