@@ -9,29 +9,22 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::{FutureExt as _, StreamExt};
+use futures::StreamExt;
 use rookery_events::RecordedEvent;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Unacked deliveries the server lets one consumer have out. Well above the subscription's
-/// prefetch and any batch a projection takes, so the limit never throttles a healthy worker.
+/// Unacked deliveries the server lets one consumer have out. Above any batch a projection
+/// fetches, so the limit never throttles a healthy worker.
 const MAX_ACK_PENDING: i64 = 20_000;
 
-/// Messages a partition's subscription asks for at a time (renewed at half): a projection batch
-/// is at most this many messages that arrived while the previous one was being committed.
-const PREFETCH: usize = 1_000;
-
-/// How long one pull request stays open, and how often an idle server proves it is alive.
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Slack on top of a pull's own expiry before the client gives up on the server's answer.
+const PULL_GRACE: Duration = Duration::from_secs(5);
 
 /// A durable pull consumer on one partition's subjects.
 pub struct PartitionConsumer {
     consumer: PullConsumer,
     partition: u32,
-    /// The pull subscription, opened by the first fetch.
-    messages: Option<pull::Stream>,
 }
 
 /// One delivered message. `event` is `Err` with a description when the body does not decode,
@@ -115,7 +108,6 @@ impl Bus {
         Ok(PartitionConsumer {
             consumer,
             partition,
-            messages: None,
         })
     }
 
@@ -207,82 +199,63 @@ impl PartitionConsumer {
 
     /// Up to `max` messages: returns as soon as any are available, or empty after `wait`.
     ///
-    /// Messages come from one long-lived pull subscription that keeps a pull request of
-    /// [`PREFETCH`] messages open and renews it at half, so a busy partition costs no round trip
-    /// per fetch: the server pushes messages as they are stored and a fetch takes what has
-    /// arrived. Cancel-safe: a fetch dropped before it returns loses nothing.
+    /// A waiting pull request that is abandoned mid-way would leave messages delivered to no
+    /// one (redelivered only after `ack_wait`, behind newer ones), so every pull here runs to
+    /// its end: first one that takes what is there without waiting; when that is empty, one
+    /// that waits for a single message, then again one that takes the rest without waiting.
+    /// For the same reason, a caller that drops a `fetch` before it returns should recreate
+    /// the consumer (from its checkpoint) before fetching again.
     pub async fn fetch(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
         let max = max.max(1);
-        let partition = self.partition;
-        if self.messages.is_none() {
-            let stream = self
-                .consumer
-                .stream()
-                .max_messages_per_batch(PREFETCH)
-                .heartbeat(HEARTBEAT)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
-                .with_context(|| format!("subscribing to partition {partition}"))?;
-            self.messages = Some(stream);
-        }
-        let Some(messages) = self.messages.as_mut() else {
-            bail!("partition {partition}: no subscription");
-        };
-        // `timeout` polls the message first, so a zero wait still takes one that is there.
-        let first = match tokio::time::timeout(wait, messages.next()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(next) => next,
-        };
-        let mut out = Vec::new();
-        let mut next = Some(first);
-        let mut yielded = false;
-        while let Some(item) = next {
-            let message = item
-                .ok_or_else(|| anyhow::anyhow!("the subscription to partition {partition} ended"))?
-                .map_err(|e| {
-                    anyhow::Error::from(e).context(format!("reading partition {partition}"))
-                })?;
-            out.push(self.delivery(message)?);
-            if out.len() >= max {
-                break;
-            }
-            next = self.ready();
-            if next.is_none() && !yielded {
-                // The connection task may still be handing over the rest of a burst: let it
-                // run once before calling the batch complete.
-                yielded = true;
-                tokio::task::yield_now().await;
-                next = self.ready();
+        let mut out = self.pull(max, None).await?;
+        if out.is_empty() && !wait.is_zero() {
+            out = self.pull(1, Some(wait)).await?;
+            if !out.is_empty() && max > 1 {
+                let rest = self.pull(max - 1, None).await?;
+                out.extend(rest);
             }
         }
         Ok(out)
     }
 
-    /// The subscription's next item if it has already arrived.
-    fn ready(&mut self) -> Option<Option<Result<jetstream::Message, pull::MessagesError>>> {
-        self.messages.as_mut()?.next().now_or_never()
-    }
-
     /// Messages matching the filter not yet delivered.
     pub async fn num_pending(&mut self) -> anyhow::Result<u64> {
-        Ok(self.info().await?.num_pending)
-    }
-
-    /// Whether every message on the partition was delivered *and* acknowledged: nothing is
-    /// waiting on the server, in flight, or prefetched but not yet handled.
-    pub async fn is_drained(&mut self) -> anyhow::Result<bool> {
-        let info = self.info().await?;
-        Ok(info.num_pending == 0 && info.num_ack_pending == 0)
-    }
-
-    async fn info(&mut self) -> anyhow::Result<async_nats::jetstream::consumer::Info> {
         let info = self
             .consumer
             .info()
             .await
             .context("reading consumer info")?;
-        Ok(info.clone())
+        Ok(info.num_pending)
+    }
+
+    async fn pull(&self, max: usize, wait: Option<Duration>) -> anyhow::Result<Vec<Delivery>> {
+        let batch = match wait {
+            None => self.consumer.fetch().max_messages(max).messages().await,
+            Some(wait) => {
+                self.consumer
+                    .batch()
+                    .max_messages(max)
+                    .expires(wait)
+                    .messages()
+                    .await
+            }
+        };
+        let mut batch = batch.context("requesting messages")?;
+        let deadline = Instant::now() + wait.unwrap_or_default() + PULL_GRACE;
+        let mut out = Vec::new();
+        loop {
+            let next = match tokio::time::timeout_at(deadline, batch.next()).await {
+                Ok(next) => next,
+                Err(_) => bail!(
+                    "the server did not answer a pull request on partition {}",
+                    self.partition
+                ),
+            };
+            let Some(message) = next else { break };
+            let message = message.map_err(anyhow::Error::from_boxed)?;
+            out.push(self.delivery(message)?);
+        }
+        Ok(out)
     }
 
     fn delivery(&self, message: jetstream::Message) -> anyhow::Result<Delivery> {

@@ -5,7 +5,7 @@ use crate::support::{
 };
 use futures::future::BoxFuture;
 use rookery_events::{LogPosition, RecordedEvent, Role};
-use rookery_nats::{Delivery, Relay, RelayConfig};
+use rookery_nats::{Relay, RelayConfig};
 use rookery_projections::members::{self, NAME};
 use rookery_projections::{
     run_projection, run_until_idle, status, wait_for_position, MembersProjection, Projection,
@@ -33,22 +33,6 @@ async fn applied_total(env: &Env) -> i64 {
         .sum()
 }
 
-/// Fetches until `n` deliveries arrived (a fetch returns what has arrived so far).
-async fn fetch_n(consumer: &mut rookery_nats::PartitionConsumer, n: usize) -> Vec<Delivery> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut out = Vec::new();
-    while out.len() < n {
-        assert!(Instant::now() < deadline, "got {} of {n}", out.len());
-        out.extend(
-            consumer
-                .fetch(n - out.len(), Duration::from_millis(500))
-                .await
-                .expect("fetch"),
-        );
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_message_changes_the_read_model_once() {
     let env = Env::new(1).await;
@@ -69,7 +53,11 @@ async fn redelivered_message_changes_the_read_model_once() {
         .partition_consumer("redelivery_probe", 0, 0)
         .await
         .expect("consumer");
-    let deliveries = fetch_n(&mut consumer, 5).await;
+    let deliveries = consumer
+        .fetch(100, Duration::from_secs(2))
+        .await
+        .expect("fetch");
+    assert_eq!(deliveries.len(), 5);
     let first = worker
         .apply_deliveries(0, &deliveries)
         .await
@@ -88,7 +76,10 @@ async fn redelivered_message_changes_the_read_model_once() {
         .partition_consumer("redelivery_probe", 0, 0)
         .await
         .expect("consumer");
-    let replayed = fetch_n(&mut fresh, 5).await;
+    let replayed = fresh
+        .fetch(100, Duration::from_secs(2))
+        .await
+        .expect("fetch");
     assert_eq!(
         worker
             .apply_deliveries(0, &replayed)
