@@ -490,20 +490,19 @@ impl PartitionRun {
                 }
             };
             if deliveries.is_empty() {
-                // Read before asking what is pending: if nothing is (not on the server, not
-                // prefetched, not unacknowledged), every event up to this cursor is on the stream
-                // and was handled.
+                // Read before asking what is pending: if nothing is, every event up to this
+                // cursor is on the stream and was handled.
                 let relay_cursor = rookery_store::relay::load_cursor(
                     &self.shared.pool,
                     &self.shared.bus.config().stream,
                 )
                 .await
                 .ok();
-                let drained = match self.consumer.as_mut() {
-                    Some(c) => c.is_drained().await.ok(),
+                let pending = match self.consumer.as_mut() {
+                    Some(c) => c.num_pending().await.ok(),
                     None => None,
                 };
-                if drained == Some(true) {
+                if pending == Some(0) {
                     if let Some(cursor) = relay_cursor {
                         self.raise_floor(cursor).await;
                     }
