@@ -29,23 +29,36 @@ pub enum AnyEvent {
     Unknown,
 }
 
+/// The bus/outbox message id of an event: `aggregate_type/aggregate_id/sequence`.
+pub fn message_id(aggregate_type: &str, aggregate_id: &str, sequence: i64) -> String {
+    format!("{aggregate_type}/{aggregate_id}/{sequence}")
+}
+
+impl AnyEvent {
+    /// Decodes an event of `aggregate_type` from any JSON source (a `Value`, or text read
+    /// straight into the event types).
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        aggregate_type: &str,
+        payload: D,
+    ) -> Result<Self, D::Error> {
+        use crate::aggregate_types::*;
+        Ok(match aggregate_type {
+            COMMUNITY => AnyEvent::Community(CommunityEvent::deserialize(payload)?),
+            MEMBERSHIP => AnyEvent::Membership(MembershipEvent::deserialize(payload)?),
+            USER => AnyEvent::User(UserEvent::deserialize(payload)?),
+            _ => AnyEvent::Unknown,
+        })
+    }
+}
+
 impl RecordedEvent {
     /// The bus/outbox message id: `aggregate_type/aggregate_id/sequence`.
     pub fn message_id(&self) -> String {
-        format!(
-            "{}/{}/{}",
-            self.aggregate_type, self.aggregate_id, self.sequence
-        )
+        message_id(&self.aggregate_type, &self.aggregate_id, self.sequence)
     }
 
     pub fn decode(&self) -> Result<AnyEvent, serde_json::Error> {
-        use crate::aggregate_types::*;
-        Ok(match self.aggregate_type.as_str() {
-            COMMUNITY => AnyEvent::Community(CommunityEvent::deserialize(&self.payload)?),
-            MEMBERSHIP => AnyEvent::Membership(MembershipEvent::deserialize(&self.payload)?),
-            USER => AnyEvent::User(UserEvent::deserialize(&self.payload)?),
-            _ => AnyEvent::Unknown,
-        })
+        AnyEvent::deserialize(&self.aggregate_type, &self.payload)
     }
 
     pub fn metadata(&self) -> EventMetadata {

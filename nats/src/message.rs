@@ -43,9 +43,10 @@ impl Outgoing {
         partitions: u32,
     ) -> std::io::Result<Self> {
         let payload = Bytes::from(body(&entry)?);
-        let id = header_safe(format!(
-            "{}/{}/{}",
-            entry.aggregate_type, entry.aggregate_id, entry.sequence
+        let id = header_safe(rookery_events::recorded::message_id(
+            entry.aggregate_type,
+            entry.aggregate_id,
+            entry.sequence,
         ));
         let subject = subject(
             subject_prefix,

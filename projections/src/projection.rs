@@ -157,18 +157,13 @@ impl RawEvent {
     /// the event types is equivalent to parsing it into a `Value` and decoding that; a test
     /// holds the two together).
     pub fn decode(&self) -> Result<AnyEvent, serde_json::Error> {
-        use rookery_events::aggregate_types::*;
-        use rookery_events::{CommunityEvent, MembershipEvent, UserEvent};
-        Ok(match self.aggregate_type.as_str() {
-            COMMUNITY => {
-                AnyEvent::Community(serde_json::from_str::<CommunityEvent>(&self.payload)?)
-            }
-            MEMBERSHIP => {
-                AnyEvent::Membership(serde_json::from_str::<MembershipEvent>(&self.payload)?)
-            }
-            USER => AnyEvent::User(serde_json::from_str::<UserEvent>(&self.payload)?),
-            _ => AnyEvent::Unknown,
-        })
+        let mut json = serde_json::Deserializer::from_str(&self.payload);
+        let event = AnyEvent::deserialize(&self.aggregate_type, &mut json)?;
+        // An unknown aggregate type reads nothing, so there is no end to check.
+        if event != AnyEvent::Unknown {
+            json.end()?;
+        }
+        Ok(event)
     }
 
     /// What [`RecordedEvent::metadata`] gives for the same event.
@@ -178,9 +173,10 @@ impl RawEvent {
 
     /// What [`RecordedEvent::message_id`] gives for the same event.
     pub fn message_id(&self) -> String {
-        format!(
-            "{}/{}/{}",
-            self.aggregate_type, self.aggregate_id, self.sequence
+        rookery_events::recorded::message_id(
+            &self.aggregate_type,
+            &self.aggregate_id,
+            self.sequence,
         )
     }
 

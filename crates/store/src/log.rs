@@ -5,7 +5,7 @@
 //! later. The relay, rebuilds and replays all read through here.
 
 use chrono::{DateTime, Utc};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use rookery_events::{LogPosition, RecordedEvent};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row};
@@ -25,35 +25,16 @@ impl LogEntry {
     }
 }
 
-macro_rules! columns {
-    () => {
-        "transaction_id::text::bigint AS txid, global_position, aggregate_type, aggregate_id, \
-         sequence, event_type, event_version, payload, metadata, partition_key, recorded_at"
-    };
-}
-
 /// Up to `limit` committed events after `after`, in log order.
 pub async fn read_committed(
     pool: &PgPool,
     after: LogPosition,
     limit: i64,
 ) -> Result<Vec<LogEntry>, sqlx::Error> {
-    const SQL: &str = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM events
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
-           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY transaction_id, global_position
-         LIMIT $3"
-    );
-    sqlx::query(SQL)
-        .bind(after.txid_i64())
-        .bind(after.gpos)
-        .bind(limit)
-        .try_map(|row: PgRow| decode(&row))
-        .fetch_all(pool)
-        .await
+    read_committed_raw(pool, after, limit, |raw| raw.to_entry())
+        .await?
+        .into_iter()
+        .collect()
 }
 
 /// One row of the log with `payload` and `metadata` as the JSON text Postgres holds, borrowed
@@ -80,6 +61,26 @@ pub struct RawLogEntry<'r> {
 impl RawLogEntry<'_> {
     pub fn partition(&self, partitions: u32) -> u32 {
         self.partition_key % partitions.max(1)
+    }
+
+    /// The entry with its JSON decoded, owning its columns.
+    pub fn to_entry(&self) -> Result<LogEntry, sqlx::Error> {
+        let json =
+            |text: &str| serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(e.into()));
+        Ok(LogEntry {
+            event: RecordedEvent {
+                position: self.position,
+                aggregate_type: self.aggregate_type.to_owned(),
+                aggregate_id: self.aggregate_id.to_owned(),
+                sequence: self.sequence,
+                event_type: self.event_type.to_owned(),
+                event_version: self.event_version.to_owned(),
+                payload: json(self.payload)?,
+                metadata: json(self.metadata)?,
+            },
+            partition_key: self.partition_key,
+            recorded_at: self.recorded_at,
+        })
     }
 }
 
@@ -130,21 +131,8 @@ pub fn stream_committed(
     after: LogPosition,
     upto: LogPosition,
 ) -> impl Stream<Item = Result<LogEntry, sqlx::Error>> + Send + '_ {
-    const SQL: &str = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM events
-         WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2)
-           AND (transaction_id, global_position) <= ($3::bigint::text::xid8, $4)
-         ORDER BY transaction_id, global_position"
-    );
-    sqlx::query(SQL)
-        .bind(after.txid_i64())
-        .bind(after.gpos)
-        .bind(upto.txid_i64())
-        .bind(upto.gpos)
-        .try_map(|row: PgRow| decode(&row))
-        .fetch(pool)
+    stream_committed_raw(pool, after, upto, |raw| raw.to_entry())
+        .map(|row| row.and_then(std::convert::identity))
 }
 
 /// [`stream_committed`] with each row handed to `map` as a [`RawLogEntry`] (rebuilds decode the
@@ -203,24 +191,6 @@ pub async fn count_after(pool: &PgPool, after: LogPosition) -> Result<i64, sqlx:
     .bind(after.gpos)
     .fetch_one(pool)
     .await
-}
-
-fn decode(row: &PgRow) -> Result<LogEntry, sqlx::Error> {
-    let partition_key: i64 = row.try_get("partition_key")?;
-    Ok(LogEntry {
-        event: RecordedEvent {
-            position: LogPosition::from_db(row.try_get("txid")?, row.try_get("global_position")?),
-            aggregate_type: row.try_get("aggregate_type")?,
-            aggregate_id: row.try_get("aggregate_id")?,
-            sequence: row.try_get("sequence")?,
-            event_type: row.try_get("event_type")?,
-            event_version: row.try_get("event_version")?,
-            payload: row.try_get("payload")?,
-            metadata: row.try_get("metadata")?,
-        },
-        partition_key: u32::try_from(partition_key).unwrap_or(0),
-        recorded_at: row.try_get("recorded_at")?,
-    })
 }
 
 /// By column index, in the order of `raw_columns!`: a name lookup per

@@ -251,16 +251,7 @@ async fn interrupted_rebuild_resumes_from_its_cursor() {
         last = last.max(env.writer.write(&scenario.step()).await);
     }
     let total = scenario.events;
-    // The commit-safe head is server-wide: a transaction open in another test holds it back for
-    // a moment. Start once it covers everything written, so the counts below are exact.
-    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
-        rookery_store::log::committed_head(&env.pool)
-            .await
-            .ok()
-            .flatten()
-            >= Some(last)
-    })
-    .await;
+    wait_for_head(&env, last).await;
 
     // Crash a rebuild part-way (the task is aborted, as a killed process would be).
     let config = RebuildConfig {
@@ -353,14 +344,7 @@ async fn rebuild_without_keys_resumes_after_a_crash_and_matches_live_fold() {
         written += events.len() as u64;
         last = last.max(env.writer.write(&events).await);
     }
-    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
-        rookery_store::log::committed_head(&env.pool)
-            .await
-            .ok()
-            .flatten()
-            >= Some(last)
-    })
-    .await;
+    wait_for_head(&env, last).await;
 
     let config = RebuildConfig {
         batch_size: 30,
@@ -413,14 +397,7 @@ async fn rebuild_without_keys_resumes_after_a_crash_and_matches_live_fold() {
         written += events.len() as u64;
         last = last.max(env.writer.write(&events).await);
     }
-    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
-        rookery_store::log::committed_head(&env.pool)
-            .await
-            .ok()
-            .flatten()
-            >= Some(last)
-    })
-    .await;
+    wait_for_head(&env, last).await;
 
     let report = crate::support::retry_until_lock_free(|| {
         rebuild_with(&env.pool, members_projection(), 2, &config, |_| {})
@@ -465,14 +442,7 @@ async fn rebuild_parks_poison_events_and_folds_the_rest() {
         }
     }
     let last = env.writer.write(&scenario.step()).await;
-    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
-        rookery_store::log::committed_head(&env.pool)
-            .await
-            .ok()
-            .flatten()
-            >= Some(last)
-    })
-    .await;
+    wait_for_head(&env, last).await;
 
     let config = RebuildConfig {
         batch_size: 25,
@@ -532,14 +502,7 @@ async fn rebuild_without_a_bulk_fold_applies_batch_by_batch() {
     for _ in 0..150 {
         last = last.max(env.writer.write(&scenario.step()).await);
     }
-    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
-        rookery_store::log::committed_head(&env.pool)
-            .await
-            .ok()
-            .flatten()
-            >= Some(last)
-    })
-    .await;
+    wait_for_head(&env, last).await;
     let config = RebuildConfig {
         batch_size: 40,
         switch_gap: 0,
@@ -551,4 +514,17 @@ async fn rebuild_without_a_bulk_fold_applies_batch_by_batch() {
     assert_eq!(report.total, scenario.events, "{report}");
     assert_eq!(schema(&env).await, schema_before);
     assert_matches_incremental_build(&env).await;
+}
+
+/// The commit-safe head is server-wide: a transaction open in another test holds it back for a
+/// moment. Waits until it covers `last`, so that counts taken from the log are exact.
+async fn wait_for_head(env: &Env, last: LogPosition) {
+    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
+        rookery_store::log::committed_head(&env.pool)
+            .await
+            .ok()
+            .flatten()
+            >= Some(last)
+    })
+    .await;
 }
