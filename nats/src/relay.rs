@@ -142,7 +142,12 @@ impl Relay {
             };
             tracing::info!(stream = %stream, "relay active");
             self.stats.active.store(true, Ordering::SeqCst);
-            let saver = CursorSaver::spawn(self.pool.clone(), stream.clone(), self.stats.clone());
+            let saver = CursorSaver::spawn(
+                self.pool.clone(),
+                stream.clone(),
+                self.stats.clone(),
+                self.config.min_save_interval,
+            );
             let end = tokio::select! {
                 _ = &mut shutdown => Leadership::Shutdown,
                 end = self.lead(&mut lock, &saver) => end,
@@ -562,7 +567,8 @@ async fn wait_for_events(listener: &mut Option<PgListener>, poll_interval: Durat
 /// confirmed position handed over matters, and positions handed over while a save runs are
 /// folded into the next one. Leaving the cursor behind the acks is always safe (re-publishing
 /// is de-duplicated); saving it ahead of them never happens, because only confirmed positions
-/// are handed over.
+/// are handed over. Saves are at least [`RelayConfig::min_save_interval`] apart, so a busy
+/// relay saves a few times a second instead of after every read.
 struct CursorSaver {
     latest: watch::Sender<Pending>,
     task: AbortOnDrop<()>,
@@ -576,9 +582,11 @@ struct Pending {
 }
 
 impl CursorSaver {
-    fn spawn(pool: PgPool, stream: String, stats: Arc<RelayStats>) -> Self {
+    fn spawn(pool: PgPool, stream: String, stats: Arc<RelayStats>, every: Duration) -> Self {
         let (latest, pending) = watch::channel(Pending::default());
-        let task = AbortOnDrop(tokio::spawn(save_latest(pool, stream, stats, pending)));
+        let task = AbortOnDrop(tokio::spawn(save_latest(
+            pool, stream, stats, pending, every,
+        )));
         Self { latest, task }
     }
 
@@ -604,12 +612,18 @@ async fn save_latest(
     stream: String,
     stats: Arc<RelayStats>,
     mut pending: watch::Receiver<Pending>,
+    every: Duration,
 ) {
     let mut saved_stored = 0u64;
     let mut backoff = MIN_BACKOFF;
+    let mut next_save = Instant::now();
     // Ends once the relay dropped its end and the last position is saved (or the relay gave
     // up waiting and aborted this task).
     while pending.changed().await.is_ok() {
+        // Whatever is handed over meanwhile is saved with it; a closed channel still leaves
+        // the last value to save.
+        tokio::time::sleep_until(next_save).await;
+        next_save = Instant::now() + every;
         let Pending { position, stored } = *pending.borrow_and_update();
         let Some(position) = position else { continue };
         let published = i64::try_from(stored - saved_stored).unwrap_or(i64::MAX);

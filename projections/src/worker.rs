@@ -5,7 +5,9 @@
 //! process holds it), recreate the durable consumer at the checkpoint's stream sequence, then
 //! loop: fetch → one transaction that locks and re-reads the checkpoint, applies the deliveries
 //! it does not cover, parks poison, moves the checkpoint → commit → ack. Acks come after the
-//! commit, so a crash anywhere means a redelivery, which the checkpoint turns into a no-op.
+//! commit, so a crash anywhere means a redelivery, which the checkpoint turns into a no-op. The
+//! transaction's own statements ride with its `BEGIN` and `COMMIT` ([`BatchTx`]), so a batch
+//! costs the read model's round trips plus two.
 //!
 //! Batches commit with `synchronous_commit = off`: the read model is derived data, so instead of
 //! waiting for every batch's WAL flush the worker notices when Postgres lost a commit in a crash
@@ -19,7 +21,7 @@ use crate::projection::{PoisonEvent, Projection, TableNames};
 use anyhow::{bail, Context as _};
 use rookery_events::{LogPosition, RecordedEvent};
 use rookery_nats::{Bus, Delivery, PartitionConsumer};
-use rookery_store::checkpoints::{self, LockSession, NewDeadLetter, ParkedBy};
+use rookery_store::checkpoints::{self, Advance, BatchTx, LockSession, NewDeadLetter, ParkedBy};
 use sqlx::PgPool;
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -60,7 +62,7 @@ impl Default for WorkerConfig {
         Self {
             batch_size: 500,
             fetch_wait: Duration::from_secs(1),
-            min_batch_interval: Duration::from_millis(3),
+            min_batch_interval: Duration::from_millis(10),
             max_attempts: 5,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -90,6 +92,9 @@ pub struct WorkerStats {
     pub last_batch_micros: AtomicU64,
     /// Partitions this process is currently active on.
     pub active_partitions: AtomicU64,
+    /// Woken after every committed batch, for observers that wait for a write to become
+    /// visible without polling the read model.
+    pub committed: tokio::sync::Notify,
 }
 
 /// A projection's live worker.
@@ -171,6 +176,10 @@ impl ProjectionWorker {
 
     pub fn stats(&self) -> Arc<WorkerStats> {
         self.shared.stats.clone()
+    }
+
+    pub fn projection_name(&self) -> &'static str {
+        self.shared.projection.name()
     }
 
     /// Runs until `shutdown` completes. Errors inside a partition are logged and retried, never
@@ -589,23 +598,25 @@ impl PartitionRun {
         let mut poison: Vec<(usize, String)> = Vec::new();
         loop {
             // See the module docs for why not waiting for the flush is safe.
-            let mut tx = shared
-                .pool
-                .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+            let (mut tx, cp) = BatchTx::begin(&shared.pool, name, self.partition)
                 .await
                 .context("starting the batch transaction")?;
-            let Some((cp, paused)) = checkpoints::lock(&mut tx, name, self.partition).await? else {
+            let Some((cp, paused)) = cp else {
                 bail!(
                     "checkpoint row of {name} partition {} is missing",
                     self.partition
                 );
             };
-            if paused {
-                return Ok(BatchOutcome::Paused);
-            }
-            if cp.stream_seq < self.committed_seq {
-                return Ok(BatchOutcome::Rewound {
-                    checkpoint: cp.stream_seq,
+            if paused || cp.stream_seq < self.committed_seq {
+                tx.rollback()
+                    .await
+                    .context("ending the batch transaction")?;
+                return Ok(if paused {
+                    BatchOutcome::Paused
+                } else {
+                    BatchOutcome::Rewound {
+                        checkpoint: cp.stream_seq,
+                    }
                 });
             }
             let mut events: Vec<RecordedEvent> = Vec::with_capacity(deliveries.len());
@@ -629,24 +640,10 @@ impl PartitionRun {
                 }
                 last_seq = last_seq.max(d.stream_seq);
             }
-            // Before the read model's writes, so that the rows every partition shares (counts)
-            // stay locked only until the commit right after them. The row is ours already.
-            if last_seq > cp.stream_seq || last_key > cp.position {
-                checkpoints::advance(
-                    &mut tx,
-                    name,
-                    self.partition,
-                    last_key,
-                    last_seq,
-                    events.len() as i64,
-                )
-                .await
-                .context("saving the checkpoint")?;
-            }
             if !events.is_empty() {
                 if let Err(e) = shared
                     .projection
-                    .apply(&mut tx, &shared.tables, &events)
+                    .apply(tx.conn(), &shared.tables, &events)
                     .await
                 {
                     let Some(p) = PoisonEvent::find(&e) else {
@@ -659,7 +656,7 @@ impl PartitionRun {
                         Some(i) if !poison.iter().any(|(j, _)| *j == i) => {
                             tracing::warn!(projection = name, partition = self.partition, position = %p.position, reason = %p.reason, "poison event; parking it");
                             poison.push((i, p.to_string()));
-                            // Dropping the transaction rolls it back; try again without it.
+                            tx.rollback().await.context("rolling back the batch")?;
                             continue;
                         }
                         _ => return Err(e),
@@ -667,13 +664,22 @@ impl PartitionRun {
                 }
             }
             for letter in &parks {
-                checkpoints::park(&mut tx, letter)
+                checkpoints::park(tx.conn(), letter)
                     .await
                     .context("parking a poison event")?;
             }
             done.applied = events.len() as u64;
             done.parked = parks.len() as u64;
-            tx.commit().await.context("committing the batch")?;
+            // The checkpoint moves with the commit, in one round trip: the rows every partition
+            // shares (counts) stay locked only for that round trip after the writes.
+            let advance = (last_seq > cp.stream_seq || last_key > cp.position).then_some(Advance {
+                position: last_key,
+                stream_seq: last_seq,
+                applied: events.len() as i64,
+            });
+            tx.commit(advance)
+                .await
+                .context("committing the batch and its checkpoint")?;
             tracing::Span::current().record("events", events.len());
             return Ok(BatchOutcome::Committed(done));
         }
@@ -720,6 +726,7 @@ impl PartitionRun {
         stats
             .last_batch_unix_ms
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        stats.committed.notify_waiters();
         self.failure = None;
         self.backoff = self.shared.config.backoff_min;
         let last = deliveries.iter().map(|d| d.stream_seq).max().unwrap_or(0);

@@ -6,9 +6,11 @@ use base64::Engine;
 use rand::RngCore;
 use rookery_api::{ApiConfig, AppState, AuthConfig};
 use rookery_nats::{Bus, BusConfig, Relay, RelayConfig};
+use rookery_projections::{ProjectionWorker, WorkerConfig, WorkerStats};
 use rookery_store::{DbConfig, PgPool};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -41,6 +43,8 @@ pub struct Application {
     bus: Bus,
     listener: Option<TcpListener>,
     state: Option<AppState>,
+    /// The projection workers this mode runs, built up front so their stats can be watched.
+    workers: Vec<ProjectionWorker>,
 }
 
 /// How long running parts get to drain after shutdown is requested.
@@ -92,6 +96,18 @@ impl Application {
         } else {
             None
         };
+        let workers = if mode.runs_workers() {
+            let worker_config = WorkerConfig {
+                min_batch_interval: config.batch_interval,
+                ..WorkerConfig::default()
+            };
+            rookery_projections::all()
+                .into_iter()
+                .map(|p| ProjectionWorker::new(pool.clone(), bus.clone(), p, worker_config.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             config,
             mode,
@@ -99,7 +115,17 @@ impl Application {
             bus,
             listener,
             state,
+            workers,
         })
+    }
+
+    /// The counters of the live worker of projection `name`, when this mode runs it; its
+    /// `committed` notifies after every batch.
+    pub fn projection_stats(&self, name: &str) -> Option<Arc<WorkerStats>> {
+        self.workers
+            .iter()
+            .find(|w| w.projection_name() == name)
+            .map(ProjectionWorker::stats)
     }
 
     /// The bound HTTP address (when this mode serves HTTP).
@@ -141,23 +167,17 @@ impl Application {
             });
         }
         if self.mode.runs_workers() {
-            let relay = Relay::new(self.pool.clone(), self.bus.clone(), RelayConfig::default());
+            let relay_config = RelayConfig {
+                min_read_interval: self.config.relay_interval,
+                ..RelayConfig::default()
+            };
+            let relay = Relay::new(self.pool.clone(), self.bus.clone(), relay_config);
             let stop = token.clone().cancelled_owned();
             tasks.spawn(async move { ("relay", relay.run(stop).await) });
 
-            for projection in rookery_projections::all() {
-                let (pool, bus, stop) = (
-                    self.pool.clone(),
-                    self.bus.clone(),
-                    token.clone().cancelled_owned(),
-                );
-                let config = rookery_projections::WorkerConfig::default();
-                tasks.spawn(async move {
-                    let result =
-                        rookery_projections::run_projection(pool, bus, projection, config, stop)
-                            .await;
-                    ("projection worker", result)
-                });
+            for worker in self.workers {
+                let stop = token.clone().cancelled_owned();
+                tasks.spawn(async move { ("projection worker", worker.run(stop).await) });
             }
         }
         tracing::info!(mode = ?self.mode, stream = %self.config.stream, "rookery running");

@@ -28,6 +28,11 @@ pub struct Config {
     pub read_wait: Duration,
     /// `ROOKERY_ACK_WAIT_SECS`: JetStream ack wait for projection consumers.
     pub ack_wait: Duration,
+    /// `ROOKERY_BATCH_INTERVAL_MS`: under load, a projection partition starts a batch at most
+    /// this often and takes everything that arrived meanwhile (0: a batch per fetch).
+    pub batch_interval: Duration,
+    /// `ROOKERY_RELAY_INTERVAL_MS`: the same for the relay's reads of the log.
+    pub relay_interval: Duration,
     /// Whether `DATABASE_URL` / `NATS_URL` were set: an explicit URL is never replaced by a
     /// private server.
     pub database_url_explicit: bool,
@@ -45,10 +50,12 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             stream: "rookery".into(),
             subject_prefix: "rookery".into(),
-            partitions: 4,
+            partitions: rookery_nats::BusConfig::DEFAULT_PARTITIONS,
             jwt_secret: None,
             read_wait: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
+            batch_interval: rookery_projections::WorkerConfig::default().min_batch_interval,
+            relay_interval: rookery_nats::RelayConfig::default().min_read_interval,
             database_url_explicit: false,
             nats_url_explicit: false,
             data_dir: PathBuf::from(".rookery"),
@@ -106,6 +113,12 @@ impl Config {
         }
         if let Some(v) = set("ROOKERY_ACK_WAIT_SECS") {
             c.ack_wait = Duration::from_secs(parse_num("ROOKERY_ACK_WAIT_SECS", &v)?);
+        }
+        if let Some(v) = set("ROOKERY_BATCH_INTERVAL_MS") {
+            c.batch_interval = Duration::from_millis(parse_num("ROOKERY_BATCH_INTERVAL_MS", &v)?);
+        }
+        if let Some(v) = set("ROOKERY_RELAY_INTERVAL_MS") {
+            c.relay_interval = Duration::from_millis(parse_num("ROOKERY_RELAY_INTERVAL_MS", &v)?);
         }
         c.jwt_secret = set("ROOKERY_JWT_SECRET");
         c.validate()?;
@@ -184,5 +197,24 @@ mod tests {
         assert!(err.to_string().contains("ROOKERY_STREAM"));
         let err = from(&[("ROOKERY_JWT_SECRET", "short")]).expect_err("short secret");
         assert!(err.to_string().contains("ROOKERY_JWT_SECRET"));
+        for key in ["ROOKERY_BATCH_INTERVAL_MS", "ROOKERY_RELAY_INTERVAL_MS"] {
+            let err = from(&[(key, "10ms")]).expect_err("unit in a number");
+            assert!(err.to_string().contains(key));
+        }
+    }
+
+    #[test]
+    fn batching_defaults_and_overrides() {
+        let c = from(&[]).expect("defaults");
+        assert_eq!(c.partitions, 1);
+        assert_eq!(c.batch_interval, Duration::from_millis(10));
+        assert_eq!(c.relay_interval, Duration::from_millis(5));
+        let c = from(&[
+            ("ROOKERY_BATCH_INTERVAL_MS", "0"),
+            ("ROOKERY_RELAY_INTERVAL_MS", "25"),
+        ])
+        .expect("intervals");
+        assert_eq!(c.batch_interval, Duration::ZERO);
+        assert_eq!(c.relay_interval, Duration::from_millis(25));
     }
 }

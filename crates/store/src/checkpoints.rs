@@ -10,8 +10,9 @@
 use chrono::{DateTime, Utc};
 use rookery_events::LogPosition;
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{Connection, Executor as _, PgConnection, PgPool, Postgres, Row};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Where one partition of one projection stands.
@@ -138,20 +139,31 @@ pub async fn lock(
     projection: &str,
     partition: u32,
 ) -> Result<Option<(Checkpoint, bool)>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {CHECKPOINT_COLUMNS},
-                COALESCE((SELECT paused FROM projection_state s WHERE s.projection = c.projection), false) AS paused
-         FROM projection_checkpoints c
-         WHERE projection = $1 AND partition = $2
-         FOR UPDATE"
-    );
-    let row = sqlx::query(&sql)
+    let row = sqlx::query(&lock_sql("$1", "$2"))
         .bind(projection)
         .bind(partition_i32(partition))
         .fetch_optional(&mut *conn)
         .await?;
+    locked_checkpoint(row.as_ref())
+}
+
+/// [`lock`]'s statement, its projection and partition written as `projection` and `partition`
+/// (placeholders, or literals in a [`BatchTx`]).
+fn lock_sql(projection: &str, partition: &str) -> String {
+    format!(
+        "SELECT {CHECKPOINT_COLUMNS},
+                COALESCE((SELECT paused FROM projection_state s WHERE s.projection = c.projection), false) AS paused
+         FROM projection_checkpoints c
+         WHERE projection = {projection} AND partition = {partition}
+         FOR UPDATE"
+    )
+}
+
+fn locked_checkpoint(
+    row: Option<&sqlx::postgres::PgRow>,
+) -> Result<Option<(Checkpoint, bool)>, sqlx::Error> {
     match row {
-        Some(row) => Ok(Some((checkpoint_from_row(&row)?, row.try_get("paused")?))),
+        Some(row) => Ok(Some((checkpoint_from_row(row)?, row.try_get("paused")?))),
         None => Ok(None),
     }
 }
@@ -183,21 +195,136 @@ pub async fn advance(
     stream_seq: u64,
     applied: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE projection_checkpoints
-         SET txid = $3, gpos = $4, stream_seq = GREATEST(stream_seq, $5), applied = applied + $6,
-             attempts = 0, last_error = NULL, last_error_at = NULL, updated_at = now()
-         WHERE projection = $1 AND partition = $2",
-    )
-    .bind(projection)
-    .bind(partition_i32(partition))
-    .bind(position.txid_i64())
-    .bind(position.gpos)
-    .bind(seq_i64(stream_seq))
-    .bind(applied)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(&advance_sql(["$1", "$2", "$3", "$4", "$5", "$6"]))
+        .bind(projection)
+        .bind(partition_i32(partition))
+        .bind(position.txid_i64())
+        .bind(position.gpos)
+        .bind(seq_i64(stream_seq))
+        .bind(applied)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+/// [`advance`]'s statement over projection, partition, txid, gpos, stream sequence and count
+/// applied, written as given (placeholders, or literals in a [`BatchTx`]).
+fn advance_sql([projection, partition, txid, gpos, seq, applied]: [&str; 6]) -> String {
+    format!(
+        "UPDATE projection_checkpoints
+         SET txid = {txid}, gpos = {gpos}, stream_seq = GREATEST(stream_seq, {seq}),
+             applied = applied + {applied},
+             attempts = 0, last_error = NULL, last_error_at = NULL, updated_at = now()
+         WHERE projection = {projection} AND partition = {partition}"
+    )
+}
+
+/// Where a batch moves its checkpoint when it commits (see [`advance`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Advance {
+    pub position: LogPosition,
+    pub stream_seq: u64,
+    pub applied: i64,
+}
+
+/// A projection batch's transaction in two round trips of its own instead of four: `BEGIN`,
+/// `SET LOCAL synchronous_commit = off` and the checkpoint's locking read ([`lock`]) travel as
+/// one simple-query message, the checkpoint's [`advance`] and `COMMIT` as another. Round trips,
+/// not statements, are what a batch costs on a small machine (each is a wake-up of a Postgres
+/// backend and of the worker). Those statements' values are integers and a projection name
+/// checked to be a plain identifier, so writing them into the text is safe; the read model's
+/// own statements run on [`BatchTx::conn`] with bound parameters as usual.
+///
+/// Not sqlx's `Transaction`, which would send `BEGIN` and `COMMIT` on their own. A `BatchTx`
+/// dropped before [`commit`](BatchTx::commit) or [`rollback`](BatchTx::rollback) (an error on
+/// the way, a cancelled future) closes its connection instead of returning it to the pool: the
+/// server then rolls back, and no pooled connection is ever left inside a transaction.
+///
+/// Only for writes that may be lost in a crash because their checkpoint is lost with them (the
+/// commit does not wait for the WAL flush; the worker's module docs say why that is safe).
+pub struct BatchTx {
+    conn: PoolConnection<Postgres>,
+    /// Until `commit` or `rollback` ends the transaction.
+    open: bool,
+    projection: String,
+    partition: i32,
+}
+
+impl BatchTx {
+    /// Begins the transaction and locks and reads the checkpoint, with whether the projection is
+    /// paused; `None` when the checkpoint row does not exist (call [`ensure`] first).
+    pub async fn begin(
+        pool: &PgPool,
+        projection: &str,
+        partition: u32,
+    ) -> Result<(Self, Option<(Checkpoint, bool)>), sqlx::Error> {
+        if projection.is_empty()
+            || !projection
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(sqlx::Error::InvalidArgument(format!(
+                "projection name {projection:?} is not a plain identifier"
+            )));
+        }
+        let projection = format!("'{projection}'");
+        let partition = partition_i32(partition);
+        let mut tx = Self {
+            conn: pool.acquire().await?,
+            open: true,
+            projection,
+            partition,
+        };
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = off; {}",
+            lock_sql(&tx.projection, &partition.to_string())
+        );
+        let rows = tx.conn.fetch_all(sql.as_str()).await?;
+        let checkpoint = locked_checkpoint(rows.first())?;
+        Ok((tx, checkpoint))
+    }
+
+    /// The transaction's connection, for the read model's statements.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Moves the checkpoint (when `advance` is given) and commits, in one round trip.
+    pub async fn commit(mut self, advance: Option<Advance>) -> Result<(), sqlx::Error> {
+        let sql = match advance {
+            Some(a) => format!(
+                "{}; COMMIT",
+                advance_sql([
+                    &self.projection,
+                    &self.partition.to_string(),
+                    &a.position.txid_i64().to_string(),
+                    &a.position.gpos.to_string(),
+                    &seq_i64(a.stream_seq).to_string(),
+                    &a.applied.to_string(),
+                ])
+            ),
+            None => "COMMIT".to_string(),
+        };
+        self.conn.execute(sql.as_str()).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Rolls back, keeping the connection for the pool.
+    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        self.conn.execute("ROLLBACK").await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for BatchTx {
+    fn drop(&mut self) {
+        if self.open {
+            // Closing the connection makes the server roll back; the pool opens a new one.
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Raises a partition's floor (never lowers it) — only while its checkpoint is still at

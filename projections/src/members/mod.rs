@@ -93,11 +93,6 @@ async fn apply(
     let t = Tables::new(tables)?;
     let needs = fold::needs(&changes);
     let mut state = Fold::default();
-    if !tables.exclusive() {
-        create_user_rows(conn, &t, &needs.users)
-            .await
-            .context("creating member_users rows to lock")?;
-    }
     load_live(conn, &t, tables.exclusive(), &needs, &mut state)
         .await
         .context("loading member_users and members")?;
@@ -125,36 +120,15 @@ impl Tables {
     }
 }
 
-/// Creates an empty `member_users` row for each of `users` (sorted) that has none, so that
-/// there is always a row to lock (see the module docs).
-async fn create_user_rows(
-    conn: &mut PgConnection,
-    t: &Tables,
-    users: &[Uuid],
-) -> anyhow::Result<()> {
-    if users.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(&format!(
-        "INSERT INTO {} (user_id, username)
-         SELECT u, '' FROM UNNEST($1::uuid[]) AS t(u) ORDER BY u
-         ON CONFLICT (user_id) DO NOTHING",
-        t.users
-    ))
-    .bind(users)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Loads (and, unless `exclusive`, locks in user-id order) the `member_users` rows and the
-/// `members` rows a live batch needs, in one statement.
+/// Loads the `member_users` rows and the `members` rows a live batch needs, in one statement.
+/// Unless `exclusive`, it first creates an empty `member_users` row for each user that has none
+/// and locks them all in user-id order, so there is always a row to lock (see the module docs):
+/// the upsert's no-op update takes each existing row's lock and returns it as last committed.
 ///
 /// The member rows are read in the statement's snapshot, which may predate a lock wait on
 /// their user: a registration that committed meanwhile renamed them. Only the username can be
 /// stale (every other column is written by this partition alone, the membership aggregate
-/// being the pair), and the fold gives every row it writes its user row's username, which
-/// `FOR UPDATE` returns as last committed.
+/// being the pair), and the fold gives every row it writes its user row's username.
 async fn load_live(
     conn: &mut PgConnection,
     t: &Tables,
@@ -165,11 +139,23 @@ async fn load_live(
     if needs.users.is_empty() && needs.members.is_empty() {
         return Ok(());
     }
-    let lock = if exclusive { "" } else { "FOR UPDATE" };
+    let users = if exclusive {
+        format!(
+            "SELECT user_id, username, identities FROM {} WHERE user_id = ANY($1)",
+            t.users
+        )
+    } else {
+        format!(
+            "INSERT INTO {} AS x (user_id, username)
+             SELECT u, '' FROM UNNEST($1::uuid[]) AS t(u) ORDER BY u
+             ON CONFLICT (user_id) DO UPDATE SET username = x.username
+             RETURNING user_id, username, identities",
+            t.users
+        )
+    };
     let (communities, member_users): (Vec<Uuid>, Vec<Uuid>) = needs.members.iter().copied().unzip();
     let rows = sqlx::query(&format!(
-        "WITH u AS (SELECT user_id, username, identities FROM {users}
-                    WHERE user_id = ANY($1) ORDER BY user_id {lock})
+        "WITH u AS ({users})
          SELECT NULL::uuid AS community_id, user_id, username, identities, NULL::text AS role,
                 NULL::text AS status, NULL::timestamptz AS joined_at,
                 NULL::timestamptz AS updated_at, NULL::bigint AS txid, NULL::bigint AS gpos
@@ -179,7 +165,6 @@ async fn load_live(
          FROM UNNEST($2::uuid[], $3::uuid[]) AS k(c, u)
          CROSS JOIN LATERAL (SELECT * FROM {members} m
                              WHERE m.community_id = k.c AND m.user_id = k.u) m",
-        users = t.users,
         members = t.members,
     ))
     .bind(&needs.users)
@@ -202,7 +187,7 @@ async fn load_live(
         }
     }
     for id in &needs.users {
-        // A missing row becomes the same empty row the locking path creates up front.
+        // A missing row (only without locks) becomes the empty row the locking path creates.
         state.load_user(*id, users.remove(id));
     }
     for key in &needs.members {

@@ -1,6 +1,7 @@
 //! rookery-projections integration tests, against real Postgres and NATS. Each test has its own
 //! database and stream (removed afterwards, also on failure).
 
+mod batch_tx;
 mod members;
 mod rebuild;
 mod support;

@@ -78,6 +78,8 @@ pub struct Env {
 /// The application running in-process.
 pub struct RunningApp {
     pub addr: SocketAddr,
+    /// The members worker's counters, when the app runs workers.
+    pub members: Option<Arc<rookery_projections::WorkerStats>>,
     stop: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -166,10 +168,12 @@ impl Env {
         let addr = app
             .local_addr()
             .ok_or_else(|| anyhow::anyhow!("the application does not listen"))?;
+        let members = app.projection_stats(rookery_projections::members::NAME);
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
         self.apps.push(RunningApp {
             addr,
+            members,
             stop,
             handle: Some(handle),
         });

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::env::{join, mint, Env, Template};
@@ -562,6 +562,14 @@ async fn latency(
 
     let start = Instant::now() + Duration::from_millis(50);
     let drain_deadline = start + plan.latency_window + plan.latency_drain;
+    let members = env
+        .app(app)
+        .members
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the bench application runs no members worker"))?;
+    // Asks the read model after every committed members batch (at most every 1 ms, at least
+    // every 5 ms): polling it every millisecond would itself be a thousand queries per second
+    // on the cores being measured.
     let observer = {
         let (pool, pending, inflight, sent_all) = (
             env.pool.clone(),
@@ -571,10 +579,19 @@ async fn latency(
         );
         tokio::spawn(async move {
             let mut visible = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let committed = members.committed.notified();
+            tokio::pin!(committed);
+            let mut asked = Instant::now();
             loop {
-                tick.tick().await;
+                let _ = tokio::time::timeout(Duration::from_millis(5), committed.as_mut()).await;
+                committed.set(members.committed.notified());
+                // Registered before the query, so a commit during it is not missed.
+                committed.as_mut().enable();
+                let next = asked + Duration::from_millis(1);
+                if Instant::now() < next {
+                    tokio::time::sleep_until(next).await;
+                }
+                asked = Instant::now();
                 let ids: Vec<Uuid> = match pending.lock() {
                     Ok(p) => p.keys().copied().collect(),
                     Err(_) => break,
