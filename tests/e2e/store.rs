@@ -163,3 +163,22 @@ async fn postgres_es_reads_back_what_the_store_writes() {
     assert_eq!(ours.version, 1);
     assert_eq!(ours.aggregate.name, format!("c-{id}"));
 }
+
+#[tokio::test]
+async fn the_pool_talks_to_a_loopback_server_without_tls() {
+    let db = TestDb::create().await.expect("test database");
+    let url = url::Url::parse(&db.url).expect("url");
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    let pool = rookery_store::connect(&rookery_store::DbConfig::new(&db.url))
+        .await
+        .expect("pool");
+    let ssl: Option<bool> =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_optional(&pool)
+            .await
+            .expect("pg_stat_ssl");
+    if loopback && std::env::var_os("PGSSLMODE").is_none() {
+        assert_eq!(ssl, Some(false), "TLS to {url}");
+    }
+    pool.close().await;
+}

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
@@ -38,6 +38,11 @@ pub async fn connect(config: &DbConfig) -> anyhow::Result<PgPool> {
             )
         })?
         .log_statements(tracing::log::LevelFilter::Trace);
+    let options = if plaintext_on_loopback(&config.url, std::env::var_os("PGSSLMODE").is_some()) {
+        options.ssl_mode(PgSslMode::Disable)
+    } else {
+        options
+    };
     if config.create_if_missing {
         ensure_database(&options).await?;
     }
@@ -47,6 +52,31 @@ pub async fn connect(config: &DbConfig) -> anyhow::Result<PgPool> {
         .connect_with(options)
         .await
         .with_context(|| format!("connecting to Postgres at {}", redact(&config.url)))
+}
+
+/// Whether to connect without TLS where nobody asked for a mode: TLS to a loopback address
+/// protects nothing and costs every round trip an encryption at both ends (a third of the
+/// commands/s on the bench machine, whose Postgres has `ssl = on`). An `sslmode` in the URL or
+/// `PGSSLMODE` is always obeyed; other hosts keep the default (`prefer`).
+fn plaintext_on_loopback(url: &str, sslmode_in_env: bool) -> bool {
+    let Ok(url) = url::Url::parse(url) else {
+        return false;
+    };
+    if sslmode_in_env || url.query_pairs().any(|(k, _)| k == "sslmode") {
+        return false;
+    }
+    match url.host() {
+        // `postgres:` is not a special scheme, so its IPv4 hosts arrive as opaque names.
+        Some(url::Host::Domain(name)) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// The database holds a migration this binary does not know: a newer Rookery migrated it.
@@ -104,5 +134,36 @@ pub fn redact(url: &str) -> String {
             u.to_string()
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plaintext_on_loopback;
+
+    #[test]
+    fn loopback_urls_without_a_mode_connect_in_plaintext() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/rookery",
+            "postgres://localhost/rookery",
+            "postgres://u:p@[::1]:5433/db",
+        ] {
+            assert!(plaintext_on_loopback(url, false), "{url}");
+        }
+    }
+
+    #[test]
+    fn a_chosen_mode_or_another_host_keeps_the_default() {
+        assert!(!plaintext_on_loopback(
+            "postgres://127.0.0.1/rookery?sslmode=require",
+            false
+        ));
+        assert!(!plaintext_on_loopback("postgres://127.0.0.1/rookery", true));
+        assert!(!plaintext_on_loopback(
+            "postgres://db.internal/rookery",
+            false
+        ));
+        assert!(!plaintext_on_loopback("postgres://10.0.0.5/rookery", false));
+        assert!(!plaintext_on_loopback("not a url", false));
     }
 }
