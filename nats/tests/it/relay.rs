@@ -591,3 +591,46 @@ async fn the_cursor_never_passes_an_event_the_stream_did_not_confirm() {
         .unwrap();
     assert_eq!(cursor, before_refused);
 }
+
+/// A relay kept busy by one commit after another saves its cursor at most once per
+/// `min_save_interval`, not after every read, and still ends with the cursor at the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_relay_saves_its_cursor_at_most_once_per_interval() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::new().await;
+    let every = Duration::from_millis(300);
+    let relay = spawn_relay(Relay::new(
+        db.pool.clone(),
+        bus.bus.clone(),
+        RelayConfig {
+            min_read_interval: Duration::ZERO,
+            min_save_interval: every,
+            ..RelayConfig::default()
+        },
+    ));
+    let stats = relay.stats.clone();
+    let started = Instant::now();
+    for _ in 0..30 {
+        append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 1).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let head = rookery_store::log::committed_head(&db.pool)
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("the cursor at the head", Duration::from_secs(10), || {
+        let stats = stats.clone();
+        async move { (stats.cursor() == head).then_some(()) }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let saves = stats.cursor_saves_total.load(Ordering::Relaxed);
+    // One right away, then at most one per interval.
+    let allowed = 1 + (elapsed.as_millis() / every.as_millis()) as u64;
+    assert!(
+        saves <= allowed,
+        "{saves} cursor saves in {elapsed:?} (at most {allowed})"
+    );
+    assert_eq!(stats.relayed_total.load(Ordering::Relaxed), 30);
+    relay.shutdown().await;
+}
