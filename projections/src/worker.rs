@@ -824,8 +824,8 @@ impl PartitionRun {
     /// Parks one delivery and moves the checkpoint past it, in one transaction.
     async fn park(&self, d: &Delivery, error: &str, attempts: u32) -> anyhow::Result<()> {
         let name = self.name();
-        let mut tx = self.shared.pool.begin().await?;
-        let Some((cp, _)) = checkpoints::lock(&mut tx, name, self.partition).await? else {
+        let (mut tx, cp) = BatchTx::begin(&self.shared.pool, name, self.partition).await?;
+        let Some((cp, _)) = cp else {
             bail!(
                 "checkpoint row of {name} partition {} is missing",
                 self.partition
@@ -833,6 +833,7 @@ impl PartitionRun {
         };
         let key = d.event.as_ref().ok().map(|e| e.position);
         if d.stream_seq <= cp.stream_seq || key.is_some_and(|k| cp.covers(d.stream_seq, k)) {
+            tx.rollback().await?;
             return Ok(());
         }
         let letter = self.dead_letter(
@@ -841,10 +842,13 @@ impl PartitionRun {
             error,
             i32::try_from(attempts).unwrap_or(i32::MAX),
         );
-        checkpoints::park(&mut tx, &letter).await?;
-        let position = key.map_or(cp.position, |k| k.max(cp.position));
-        checkpoints::advance(&mut tx, name, self.partition, position, d.stream_seq, 0).await?;
-        tx.commit().await?;
+        checkpoints::park(tx.conn(), &letter).await?;
+        tx.commit(Some(Advance {
+            position: key.map_or(cp.position, |k| k.max(cp.position)),
+            stream_seq: d.stream_seq,
+            applied: 0,
+        }))
+        .await?;
         Ok(())
     }
 

@@ -3,9 +3,10 @@
 //! projection active, each projection's state row, and parked poison events (dead letters).
 //!
 //! A checkpoint is always written on the caller's connection (`&mut PgConnection`) so that it
-//! commits in the same transaction as the read-model rows it covers. Batches open by locking their
-//! checkpoint row with [`lock`]; a rebuild's switch locks every row of the projection with
-//! [`lock_all`], so the two serialise without any other coordination.
+//! commits in the same transaction as the read-model rows it covers. Batches run in a
+//! [`BatchTx`], which opens by locking their checkpoint row as [`lock`] does and moves it with
+//! the commit; a rebuild's switch locks every row of the projection with [`lock_all`], so the two
+//! serialise without any other coordination.
 
 use chrono::{DateTime, Utc};
 use rookery_events::LogPosition;
@@ -185,41 +186,9 @@ pub async fn lock_all(
     rows.iter().map(checkpoint_from_row).collect()
 }
 
-/// Moves a partition's checkpoint forward after a batch, in the batch's transaction, and clears
-/// any recorded failure.
-pub async fn advance(
-    conn: &mut PgConnection,
-    projection: &str,
-    partition: u32,
-    position: LogPosition,
-    stream_seq: u64,
-    applied: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(&advance_sql(["$1", "$2", "$3", "$4", "$5", "$6"]))
-        .bind(projection)
-        .bind(partition_i32(partition))
-        .bind(position.txid_i64())
-        .bind(position.gpos)
-        .bind(seq_i64(stream_seq))
-        .bind(applied)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// [`advance`]'s statement over projection, partition, txid, gpos, stream sequence and count
-/// applied, written as given (placeholders, or literals in a [`BatchTx`]).
-fn advance_sql([projection, partition, txid, gpos, seq, applied]: [&str; 6]) -> String {
-    format!(
-        "UPDATE projection_checkpoints
-         SET txid = {txid}, gpos = {gpos}, stream_seq = GREATEST(stream_seq, {seq}),
-             applied = applied + {applied},
-             attempts = 0, last_error = NULL, last_error_at = NULL, updated_at = now()
-         WHERE projection = {projection} AND partition = {partition}"
-    )
-}
-
-/// Where a batch moves its checkpoint when it commits (see [`advance`]).
+/// Where a batch moves its partition's checkpoint when it commits: to `position`, to
+/// `stream_seq` unless the checkpoint is already past it, `applied` more events counted, and any
+/// recorded failure cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Advance {
     pub position: LogPosition,
@@ -227,9 +196,26 @@ pub struct Advance {
     pub applied: i64,
 }
 
+impl Advance {
+    /// The statement for `projection` (a quoted literal) and `partition`.
+    fn sql(&self, projection: &str, partition: i32) -> String {
+        format!(
+            "UPDATE projection_checkpoints
+             SET txid = {}, gpos = {}, stream_seq = GREATEST(stream_seq, {}),
+                 applied = applied + {},
+                 attempts = 0, last_error = NULL, last_error_at = NULL, updated_at = now()
+             WHERE projection = {projection} AND partition = {partition}",
+            self.position.txid_i64(),
+            self.position.gpos,
+            seq_i64(self.stream_seq),
+            self.applied,
+        )
+    }
+}
+
 /// A projection batch's transaction in two round trips of its own instead of four: `BEGIN`,
 /// `SET LOCAL synchronous_commit = off` and the checkpoint's locking read ([`lock`]) travel as
-/// one simple-query message, the checkpoint's [`advance`] and `COMMIT` as another. Round trips,
+/// one simple-query message, the checkpoint's [`Advance`] and `COMMIT` as another. Round trips,
 /// not statements, are what a batch costs on a small machine (each is a wake-up of a Postgres
 /// backend and of the worker). Those statements' values are integers and a projection name
 /// checked to be a plain identifier, so writing them into the text is safe; the read model's
@@ -292,17 +278,7 @@ impl BatchTx {
     /// Moves the checkpoint (when `advance` is given) and commits, in one round trip.
     pub async fn commit(mut self, advance: Option<Advance>) -> Result<(), sqlx::Error> {
         let sql = match advance {
-            Some(a) => format!(
-                "{}; COMMIT",
-                advance_sql([
-                    &self.projection,
-                    &self.partition.to_string(),
-                    &a.position.txid_i64().to_string(),
-                    &a.position.gpos.to_string(),
-                    &seq_i64(a.stream_seq).to_string(),
-                    &a.applied.to_string(),
-                ])
-            ),
+            Some(a) => format!("{}; COMMIT", a.sql(&self.projection, self.partition)),
             None => "COMMIT".to_string(),
         };
         self.conn.execute(sql.as_str()).await?;

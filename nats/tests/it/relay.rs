@@ -34,6 +34,15 @@ fn spawn_relay(relay: Relay) -> Running {
     }
 }
 
+/// Waits until the relay reports `position` as its saved cursor.
+async fn wait_for_saved_cursor(stats: &Arc<RelayStats>, position: rookery_events::LogPosition) {
+    eventually("the saved cursor", Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move { (stats.cursor() == position).then_some(()) }
+    })
+    .await;
+}
+
 impl Running {
     async fn shutdown(self) {
         let _ = self.stop.send(());
@@ -88,16 +97,7 @@ async fn relay_publishes_every_event_once_and_in_aggregate_order_despite_out_of_
     )
     .await;
     // The saver records what it stored just after Postgres confirms it.
-    let stats = relay.stats.clone();
-    eventually(
-        "the relay's own view of the cursor",
-        Duration::from_secs(10),
-        || {
-            let stats = stats.clone();
-            async move { (stats.cursor() == head).then_some(()) }
-        },
-    )
-    .await;
+    wait_for_saved_cursor(&relay.stats, head).await;
     assert_eq!(relay.stats.published_total.load(Ordering::Relaxed), total);
     relay.shutdown().await;
     eprintln!(
@@ -614,25 +614,14 @@ async fn a_busy_relay_saves_its_cursor_at_most_once_per_interval() {
         append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 1).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The last event's key itself: `committed_head` stops at the server-wide commit horizon,
-    // which a parallel test's open transaction can hold back.
-    let (txid, gpos): (i64, i64) = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    let last = rookery_events::LogPosition::from_db(txid, gpos);
-    eventually(
-        "the cursor at the last event",
-        Duration::from_secs(30),
-        || {
-            let stats = stats.clone();
-            async move { (stats.cursor() == last).then_some(()) }
-        },
-    )
-    .await;
+    // Once all 30 are readable, the committed head is the last of them (a parallel test's open
+    // transaction can hold the server-wide horizon back for a moment).
+    wait_committed(&db.pool, 30).await;
+    let head = rookery_store::log::committed_head(&db.pool)
+        .await
+        .unwrap()
+        .unwrap();
+    wait_for_saved_cursor(&stats, head).await;
     let elapsed = started.elapsed();
     let saves = stats.cursor_saves_total.load(Ordering::Relaxed);
     // One right away, then at most one per interval.

@@ -38,6 +38,7 @@ use fold::{Fold, MemberRow, UserRow};
 use futures::future::BoxFuture;
 use rookery_events::{LogPosition, MemberStatus, RecordedEvent, Role};
 use sqlx::{PgConnection, Row};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 /// The projection's name (checkpoints, status, CLI).
@@ -93,9 +94,19 @@ async fn apply(
     let t = Tables::new(tables)?;
     let needs = fold::needs(&changes);
     let mut state = Fold::default();
-    load_live(conn, &t, tables.exclusive(), &needs, &mut state)
-        .await
-        .context("loading member_users and members")?;
+    if tables.exclusive() {
+        // A rebuild's shadow tables: nobody to lock against.
+        load_users(conn, &t, &needs.users, &mut state)
+            .await
+            .context("loading member_users")?;
+        load_members(conn, &t, &needs.members, &mut state)
+            .await
+            .context("loading members")?;
+    } else {
+        load_locked(conn, &t, &needs, &mut state)
+            .await
+            .context("locking member_users and loading members")?;
+    }
     for change in &changes {
         state.apply(change);
     }
@@ -120,83 +131,61 @@ impl Tables {
     }
 }
 
-/// Loads the `member_users` rows and the `members` rows a live batch needs, in one statement.
-/// Unless `exclusive`, it first creates an empty `member_users` row for each user that has none
-/// and locks them all in user-id order, so there is always a row to lock (see the module docs):
-/// the upsert's no-op update takes each existing row's lock and returns it as last committed.
+/// Locks the `member_users` rows of a live batch in user-id order and loads them with the
+/// `members` rows it needs, in one statement. A user without a row gets an empty one first, so
+/// there is always a row to lock (see the module docs): the upsert's no-op update takes each
+/// existing row's lock and returns it as last committed.
 ///
 /// The member rows are read in the statement's snapshot, which may predate a lock wait on
 /// their user: a registration that committed meanwhile renamed them. Only the username can be
 /// stale (every other column is written by this partition alone, the membership aggregate
 /// being the pair), and the fold gives every row it writes its user row's username.
-async fn load_live(
+async fn load_locked(
     conn: &mut PgConnection,
     t: &Tables,
-    exclusive: bool,
     needs: &fold::Needs,
     state: &mut Fold,
 ) -> anyhow::Result<()> {
     if needs.users.is_empty() && needs.members.is_empty() {
         return Ok(());
     }
-    let users = if exclusive {
-        format!(
-            "SELECT user_id, username, identities FROM {} WHERE user_id = ANY($1)",
-            t.users
-        )
-    } else {
-        format!(
-            "INSERT INTO {} AS x (user_id, username)
-             SELECT u, '' FROM UNNEST($1::uuid[]) AS t(u) ORDER BY u
-             ON CONFLICT (user_id) DO UPDATE SET username = x.username
-             RETURNING user_id, username, identities",
-            t.users
-        )
-    };
     let (communities, member_users): (Vec<Uuid>, Vec<Uuid>) = needs.members.iter().copied().unzip();
     let rows = sqlx::query(&format!(
-        "WITH u AS ({users})
+        "WITH u AS (INSERT INTO {users} AS x (user_id, username)
+                    SELECT u, '' FROM UNNEST($1::uuid[]) AS t(u) ORDER BY u
+                    ON CONFLICT (user_id) DO UPDATE SET username = x.username
+                    RETURNING user_id, username, identities)
          SELECT NULL::uuid AS community_id, user_id, username, identities, NULL::text AS role,
                 NULL::text AS status, NULL::timestamptz AS joined_at,
                 NULL::timestamptz AS updated_at, NULL::bigint AS txid, NULL::bigint AS gpos
          FROM u
          UNION ALL
-         SELECT {MEMBER_COLUMNS}
-         FROM UNNEST($2::uuid[], $3::uuid[]) AS k(c, u)
-         CROSS JOIN LATERAL (SELECT * FROM {members} m
-                             WHERE m.community_id = k.c AND m.user_id = k.u) m",
-        members = t.members,
+         {}",
+        member_lookup(&t.members, "$2", "$3"),
+        users = t.users,
     ))
     .bind(&needs.users)
     .bind(&communities)
     .bind(&member_users)
     .fetch_all(&mut *conn)
     .await?;
-    let mut users = std::collections::HashMap::with_capacity(needs.users.len());
-    let mut members = std::collections::HashMap::with_capacity(needs.members.len());
+    let mut users = HashMap::with_capacity(needs.users.len());
+    let mut members = HashMap::with_capacity(needs.members.len());
     for row in rows {
-        match row.try_get::<Option<Uuid>, _>("community_id")? {
-            None => {
-                let (id, user) = user_row(&row)?;
-                users.insert(id, user);
-            }
-            Some(_) => {
-                let (key, member) = member_row(&row)?;
-                members.insert(key, member);
-            }
+        if row.try_get::<Option<Uuid>, _>("community_id")?.is_none() {
+            let (id, user) = user_row(&row)?;
+            users.insert(id, user);
+        } else {
+            let (key, member) = member_row(&row)?;
+            members.insert(key, member);
         }
     }
-    for id in &needs.users {
-        // A missing row (only without locks) becomes the empty row the locking path creates.
-        state.load_user(*id, users.remove(id));
-    }
-    for key in &needs.members {
-        state.load_member(*key, members.remove(key));
-    }
+    hold_users(state, &needs.users, users);
+    hold_members(state, &needs.members, members);
     Ok(())
 }
 
-/// Loads the `member_users` rows of `users` (a rebuild's: nobody to lock against).
+/// Loads the `member_users` rows of `users` without locking them (a rebuild's).
 async fn load_users(
     conn: &mut PgConnection,
     t: &Tables,
@@ -213,15 +202,59 @@ async fn load_users(
     .bind(users)
     .fetch_all(&mut *conn)
     .await?;
-    let mut found = std::collections::HashMap::with_capacity(rows.len());
-    for row in rows {
-        let (id, user) = user_row(&row)?;
-        found.insert(id, user);
+    let found = rows.iter().map(user_row).collect::<anyhow::Result<_>>()?;
+    hold_users(state, users, found);
+    Ok(())
+}
+
+async fn load_members(
+    conn: &mut PgConnection,
+    t: &Tables,
+    keys: &[(Uuid, Uuid)],
+    state: &mut Fold,
+) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
     }
-    for id in users {
+    let (communities, users): (Vec<Uuid>, Vec<Uuid>) = keys.iter().copied().unzip();
+    let rows = sqlx::query(&member_lookup(&t.members, "$1", "$2"))
+        .bind(&communities)
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?;
+    let found = rows.iter().map(member_row).collect::<anyhow::Result<_>>()?;
+    hold_members(state, keys, found);
+    Ok(())
+}
+
+/// The `members` rows of the keys in the parallel uuid arrays `communities` and `users` (two
+/// placeholders), as [`MEMBER_COLUMNS`]. A lateral lookup per key: a plain join of the key
+/// list may be planned (and the plan cached) as a scan of the whole table while it is small.
+fn member_lookup(members: &str, communities: &str, users: &str) -> String {
+    format!(
+        "SELECT {MEMBER_COLUMNS}
+         FROM UNNEST({communities}::uuid[], {users}::uuid[]) AS k(c, u)
+         CROSS JOIN LATERAL (SELECT * FROM {members} m
+                             WHERE m.community_id = k.c AND m.user_id = k.u) m"
+    )
+}
+
+/// Hands the fold each of `ids` with its row from `found`; a missing one becomes the empty row
+/// the locking path creates.
+fn hold_users(state: &mut Fold, ids: &[Uuid], mut found: HashMap<Uuid, UserRow>) {
+    for id in ids {
         state.load_user(*id, found.remove(id));
     }
-    Ok(())
+}
+
+fn hold_members(
+    state: &mut Fold,
+    keys: &[(Uuid, Uuid)],
+    mut found: HashMap<(Uuid, Uuid), MemberRow>,
+) {
+    for key in keys {
+        state.load_member(*key, found.remove(key));
+    }
 }
 
 fn user_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<(Uuid, UserRow)> {
@@ -253,40 +286,6 @@ fn member_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<((Uuid, Uuid), Memb
             key: LogPosition::from_db(row.try_get("txid")?, row.try_get("gpos")?),
         },
     ))
-}
-
-async fn load_members(
-    conn: &mut PgConnection,
-    t: &Tables,
-    keys: &[(Uuid, Uuid)],
-    state: &mut Fold,
-) -> anyhow::Result<()> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let (communities, users): (Vec<Uuid>, Vec<Uuid>) = keys.iter().copied().unzip();
-    // A lateral lookup per key: a plain join of the key list may be planned (and the plan
-    // cached) as a scan of the whole table while it is still small.
-    let rows = sqlx::query(&format!(
-        "SELECT {MEMBER_COLUMNS}
-         FROM UNNEST($1::uuid[], $2::uuid[]) AS k(c, u)
-         CROSS JOIN LATERAL (SELECT * FROM {} m
-                             WHERE m.community_id = k.c AND m.user_id = k.u) m",
-        t.members
-    ))
-    .bind(&communities)
-    .bind(&users)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut found = std::collections::HashMap::with_capacity(rows.len());
-    for row in rows {
-        let (key, member) = member_row(&row)?;
-        found.insert(key, member);
-    }
-    for key in keys {
-        state.load_member(*key, found.remove(key));
-    }
-    Ok(())
 }
 
 /// How [`write`] creates rows that were not loaded from the table.
