@@ -88,7 +88,10 @@ impl Bus {
             description: Some(format!("rookery partition {partition}")),
             filter_subject: self.partition_filter(partition),
             deliver_policy,
-            ack_policy: AckPolicy::Explicit,
+            // One ack per batch: acking a message acks every earlier one. Deliveries come in
+            // stream order and a projection commits them in order, so nothing is acked that
+            // was not committed.
+            ack_policy: AckPolicy::All,
             ack_wait: c.ack_wait,
             max_deliver: c.max_deliver,
             max_ack_pending: MAX_ACK_PENDING,
@@ -277,7 +280,8 @@ fn decode(payload: &Bytes) -> Result<RecordedEvent, String> {
 }
 
 impl Delivery {
-    /// Acknowledges this message and waits until the server has it.
+    /// Acknowledges this message (and, the consumers being `AckPolicy::All`, every earlier
+    /// delivery) and waits until the server has it.
     pub async fn ack(&self) -> anyhow::Result<()> {
         self.message
             .ack()
@@ -308,27 +312,29 @@ impl Delivery {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    fn reply(&self) -> Option<&async_nats::Subject> {
-        self.message.reply.as_ref()
+    /// The subject an ack of this delivery is published to.
+    pub fn reply_subject(&self) -> Option<&str> {
+        self.message.reply.as_ref().map(|s| s.as_str())
     }
 }
 
-/// Acknowledges every delivery: all acks are sent back to back, then one flush waits until
-/// the server has them. Plain acks, not double acks: a lost ack only means a redelivery, which
-/// the projection's checkpoint absorbs.
+/// Acknowledges every delivery with one ack of the last (the consumers are `AckPolicy::All`),
+/// then one flush waits until the server has it. A plain ack, not a double ack: a lost ack only
+/// means a redelivery, which the projection's checkpoint absorbs.
 pub async fn ack_all(client: &async_nats::Client, deliveries: &[Delivery]) -> anyhow::Result<()> {
-    for d in deliveries {
-        let Some(reply) = d.reply() else {
-            bail!(
-                "stream sequence {} has no reply subject to ack",
-                d.stream_seq
-            );
-        };
-        client
-            .publish(reply.clone(), Bytes::from_static(b"+ACK"))
-            .await
-            .with_context(|| format!("acking stream sequence {}", d.stream_seq))?;
-    }
-    client.flush().await.context("flushing acks")?;
+    let Some(last) = deliveries.iter().max_by_key(|d| d.stream_seq) else {
+        return Ok(());
+    };
+    let Some(reply) = last.message.reply.clone() else {
+        bail!(
+            "stream sequence {} has no reply subject to ack",
+            last.stream_seq
+        );
+    };
+    client
+        .publish(reply, Bytes::from_static(b"+ACK"))
+        .await
+        .with_context(|| format!("acking up to stream sequence {}", last.stream_seq))?;
+    client.flush().await.context("flushing the ack")?;
     Ok(())
 }

@@ -1,4 +1,5 @@
 use crate::helpers::*;
+use futures::StreamExt;
 use rookery_nats::{ack_all, Delivery, PartitionConsumer};
 use rookery_store::testing::TestDb;
 use std::collections::HashMap;
@@ -186,4 +187,61 @@ async fn fetch_wakes_for_a_new_message_and_surfaces_poison() {
     assert_eq!(poison[0].stream_seq, 2);
     let err = poison[0].event.as_ref().unwrap_err();
     assert!(err.contains("undecodable"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_acked_with_one_message_and_stays_acked() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| {
+        c.partitions = 1;
+        c.ack_wait = Duration::from_secs(1);
+    })
+    .await;
+    let id = uuid::Uuid::new_v4().to_string();
+    append(&db.pool, &id, 1, 20).await;
+    assert_eq!(
+        bus.publish_batch(&read_all(&db.pool, 20).await)
+            .await
+            .unwrap(),
+        20
+    );
+
+    // Every ack to this stream's consumers, as the server receives it.
+    let watcher = async_nats::connect(nats_url()).await.unwrap();
+    let mut acks = watcher
+        .subscribe(format!("$JS.ACK.{}.>", bus.config().stream))
+        .await
+        .unwrap();
+    watcher.flush().await.unwrap();
+
+    let mut consumer = bus.partition_consumer("one_ack", 0, 0).await.unwrap();
+    let deliveries = fetch_n(&mut consumer, 20).await;
+    ack_all(bus.client(), &deliveries).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), acks.next())
+        .await
+        .expect("the ack reaches the server")
+        .unwrap();
+    assert_eq!(&first.payload[..], b"+ACK");
+    let last_reply = deliveries[19].reply_subject().unwrap();
+    assert_eq!(
+        first.subject.as_str(),
+        last_reply,
+        "the last delivery is acked"
+    );
+    // No second ack follows, and none was needed: nothing comes back after `ack_wait`.
+    let redelivered = consumer
+        .fetch(100, Duration::from_millis(1500))
+        .await
+        .unwrap();
+    assert!(
+        redelivered.is_empty(),
+        "redelivered after one ack: {redelivered:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), acks.next())
+            .await
+            .is_err(),
+        "one ack for the whole batch"
+    );
+    bus.delete_consumer("one_ack").await.unwrap();
 }
