@@ -25,14 +25,20 @@ async fn fetch_n(consumer: &mut PartitionConsumer, expected: usize) -> Vec<Deliv
     out
 }
 
+/// A bus whose unacked deliveries come back after one second, so a test can see what was not
+/// acked.
+async fn short_ack_wait_bus(partitions: u32) -> TestBus {
+    TestBus::with(|c| {
+        c.partitions = partitions;
+        c.ack_wait = Duration::from_secs(1);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_consumer_delivers_in_order_acks_and_restarts_after_a_checkpoint() {
     let db = TestDb::create().await.unwrap();
-    let bus = TestBus::with(|c| {
-        c.partitions = 2;
-        c.ack_wait = Duration::from_secs(1);
-    })
-    .await;
+    let bus = short_ack_wait_bus(2).await;
     // Interleave aggregates across transactions so each partition's messages mix aggregates.
     let ids: Vec<String> = (0..12).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     for round in 0..4 {
@@ -192,11 +198,7 @@ async fn fetch_wakes_for_a_new_message_and_surfaces_poison() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_acked_with_one_message_and_stays_acked() {
     let db = TestDb::create().await.unwrap();
-    let bus = TestBus::with(|c| {
-        c.partitions = 1;
-        c.ack_wait = Duration::from_secs(1);
-    })
-    .await;
+    let bus = short_ack_wait_bus(1).await;
     let id = uuid::Uuid::new_v4().to_string();
     append(&db.pool, &id, 1, 20).await;
     assert_eq!(
