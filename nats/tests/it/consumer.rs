@@ -25,6 +25,19 @@ async fn fetch_n(consumer: &mut PartitionConsumer, expected: usize) -> Vec<Deliv
     out
 }
 
+/// Unacked messages come back after `ack_wait` (1 s on [`short_ack_wait_bus`]); acked ones never
+/// do.
+async fn assert_nothing_redelivered(consumer: &mut PartitionConsumer, after: &str) {
+    let redelivered = consumer
+        .fetch(100, Duration::from_millis(1500))
+        .await
+        .unwrap();
+    assert!(
+        redelivered.is_empty(),
+        "redelivered after {after}: {redelivered:?}"
+    );
+}
+
 /// A bus whose unacked deliveries come back after one second, so a test can see what was not
 /// acked.
 async fn short_ack_wait_bus(partitions: u32) -> TestBus {
@@ -102,15 +115,7 @@ async fn partition_consumer_delivers_in_order_acks_and_restarts_after_a_checkpoi
 
     ack_all(bus.client(), &deliveries).await.unwrap();
     assert_eq!(consumer.num_pending().await.unwrap(), 0);
-    // Unacked messages would come back after ack_wait (1 s); acked ones never do.
-    let redelivered = consumer
-        .fetch(100, Duration::from_millis(1500))
-        .await
-        .unwrap();
-    assert!(
-        redelivered.is_empty(),
-        "redelivered after ack_all: {redelivered:?}"
-    );
+    assert_nothing_redelivered(&mut consumer, "ack_all").await;
 
     // A restart at a checkpoint skips everything up to it, and leaves nothing unacked behind.
     let checkpoint = seqs[9];
@@ -230,15 +235,8 @@ async fn a_batch_is_acked_with_one_message_and_stays_acked() {
         last_reply,
         "the last delivery is acked"
     );
-    // No second ack follows, and none was needed: nothing comes back after `ack_wait`.
-    let redelivered = consumer
-        .fetch(100, Duration::from_millis(1500))
-        .await
-        .unwrap();
-    assert!(
-        redelivered.is_empty(),
-        "redelivered after one ack: {redelivered:?}"
-    );
+    // No second ack follows, and none was needed.
+    assert_nothing_redelivered(&mut consumer, "one ack").await;
     assert!(
         tokio::time::timeout(Duration::from_millis(100), acks.next())
             .await
