@@ -1,6 +1,7 @@
 //! The unit of work's optimistic concurrency (DESIGN §3.6): a writer that loaded a stale version
 //! gets a conflict, and nothing it staged — events or claims — is stored; group commit answers
-//! each writer with its own outcome; postgres-es reads back what the store writes.
+//! each writer with its own outcome; a guarded change is written only while the aggregate it was
+//! decided on is unchanged; postgres-es reads back what the store writes.
 
 use chrono::Utc;
 use futures::future::join_all;
@@ -181,4 +182,115 @@ async fn the_pool_talks_to_a_loopback_server_without_tls() {
         assert_eq!(ssl, Some(false), "TLS to {url}");
     }
     pool.close().await;
+}
+
+/// Creation of `id`, `events` times over (sequences 1..=events), written only while
+/// `(guarded, version)` holds.
+fn guarded_creation(id: Uuid, events: usize, guarded: Uuid, version: i64) -> Changes {
+    let mut changes = Changes::default();
+    let created: Vec<CommunityEvent> = (0..events).map(|_| created(id, "guarded")).collect();
+    changes
+        .append::<Community>(
+            &id.to_string(),
+            0,
+            &created,
+            &EventMetadata::new(Utc::now()),
+        )
+        .unwrap();
+    changes.guard::<Community>(&guarded.to_string(), version);
+    changes
+}
+
+async fn stored_positions(db: &TestDb, id: Uuid) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT sequence, global_position FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(id.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_guarded_change_is_written_only_while_its_guard_holds() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let read = Uuid::new_v4();
+    store.commit(creation(read, 0)).await.unwrap();
+    let (stale, current, fresh) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+
+    let mut changes: Vec<Changes> = (0..20).map(|_| creation(Uuid::new_v4(), 0)).collect();
+    // Decided on `read` at version 0, but it is at 1 now.
+    changes.insert(3, guarded_creation(stale, 1, read, 0));
+    // Decided on `read` as it is; three events, which must keep their order.
+    changes.insert(7, guarded_creation(current, 3, read, 1));
+    // Decided on `fresh` having no events, which holds.
+    changes.push(guarded_creation(fresh, 1, fresh, 0));
+    let outcomes = join_all(changes.into_iter().map(|c| store.commit(c))).await;
+
+    assert!(
+        matches!(&outcomes[3], Err(StoreError::Stale { aggregate_id, .. }) if *aggregate_id == read.to_string()),
+        "{:?}",
+        outcomes[3]
+    );
+    let txids: std::collections::HashSet<u64> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| *k != 3)
+        .map(|(_, o)| {
+            o.as_ref()
+                .expect("committed")
+                .position
+                .expect("a position")
+                .txid
+        })
+        .collect();
+    assert_eq!(
+        txids.len(),
+        1,
+        "the stale change did not break up the group"
+    );
+    assert!(
+        stored_positions(&db, stale).await.is_empty(),
+        "nothing of the stale change"
+    );
+    let current = stored_positions(&db, current).await;
+    assert_eq!(current.len(), 3);
+    assert!(
+        current.windows(2).all(|w| w[0].1 < w[1].1),
+        "one aggregate's events in sequence order: {current:?}"
+    );
+    assert_eq!(stored_positions(&db, fresh).await.len(), 1);
+
+    // Alone (no group), a stale guard is refused the same way.
+    let err = store
+        .commit(guarded_creation(Uuid::new_v4(), 1, fresh, 0))
+        .await
+        .expect_err("fresh has an event now");
+    assert!(matches!(err, StoreError::Stale { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_stale_guard_in_a_unit_of_work_rolls_back_its_claims() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let read = Uuid::new_v4();
+    store.commit(creation(read, 0)).await.unwrap();
+
+    let id = Uuid::new_v4();
+    let mut changes = guarded_creation(id, 1, read, 0);
+    changes.claim("community", &id.to_string(), &[take("taken-while-stale")]);
+    let err = store
+        .begin_with(changes)
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .expect_err("stale");
+    assert!(matches!(err, StoreError::Stale { .. }), "{err:?}");
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM claims")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!((claims, stored_positions(&db, id).await.len()), (0, 0));
 }

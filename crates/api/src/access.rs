@@ -4,6 +4,13 @@
 //! community itself, so a member promoted a moment ago can act at once and a member banned a
 //! moment ago cannot (the members read model may lag). Outsiders learn nothing about private
 //! communities: every refusal there is the same 404 a missing community gets.
+//!
+//! Every community loaded here is also remembered in a [`CommunityCache`], which lets a first
+//! join skip the load altogether: it is decided on the cached community and written with guards
+//! that make the insert itself confirm what the load would have (see `routes::members`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rookery_domain::{Community, Membership};
 use rookery_events::membership::membership_id;
@@ -44,6 +51,7 @@ impl CommunityAccess {
         if !community.aggregate.exists() {
             return Err(community_not_found());
         }
+        state.communities().remember(community_id, &community);
         Ok(Self { community, caller })
     }
 
@@ -82,5 +90,44 @@ impl CommunityAccess {
             )),
             None => Err(community_not_found()),
         }
+    }
+}
+
+/// Communities as last loaded by this process, each with its version. Entries are never trusted
+/// on their own: a command decided on one guards its insert with the cached version, so a
+/// community changed since (by any process) makes it fall back to a fresh load.
+#[derive(Default)]
+pub(crate) struct CommunityCache {
+    entries: Mutex<HashMap<Uuid, Arc<Loaded<Community>>>>,
+}
+
+/// Beyond this many communities the cache starts over (a miss costs one load, as without it).
+const CACHED_COMMUNITIES: usize = 10_000;
+
+impl CommunityCache {
+    pub fn get(&self, id: Uuid) -> Option<Arc<Loaded<Community>>> {
+        self.entries.lock().ok()?.get(&id).cloned()
+    }
+
+    fn remember(&self, id: Uuid, community: &Loaded<Community>) {
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries
+            .get(&id)
+            .is_some_and(|c| c.version == community.version)
+        {
+            return;
+        }
+        if entries.len() >= CACHED_COMMUNITIES {
+            entries.clear();
+        }
+        entries.insert(
+            id,
+            Arc::new(Loaded {
+                aggregate: community.aggregate.clone(),
+                version: community.version,
+            }),
+        );
     }
 }

@@ -15,7 +15,7 @@ use rookery_domain::{
     community_claims, user_claims, ClaimOp, Community, DomainError, Membership, User,
 };
 use rookery_events::EventMetadata;
-use rookery_store::{Changes, Claim, Loaded, UnitOfWork};
+use rookery_store::{Changes, Claim, Loaded, StoreError, UnitOfWork};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -184,8 +184,19 @@ impl Tx {
         Ok(())
     }
 
+    /// Writes the staged changes only if aggregate `A` `id` is still at `version` (see
+    /// [`Changes::guard`]).
+    pub fn guard<A: Aggregate>(&mut self, id: &str, version: i64) {
+        self.changes.guard::<A>(id, version);
+    }
+
     /// Commits; returns the position token of the last event written.
     pub async fn commit(self, state: &AppState) -> Result<Option<String>, ApiError> {
+        Ok(self.try_commit(state).await?)
+    }
+
+    /// [`Tx::commit`] with the store's own error, for callers that handle [`StoreError::Stale`].
+    pub async fn try_commit(self, state: &AppState) -> Result<Option<String>, StoreError> {
         let outcome = state.store().commit(self.changes).await?;
         Ok(outcome.position.map(|p| p.to_string()))
     }

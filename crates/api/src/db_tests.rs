@@ -571,6 +571,74 @@ async fn membership_commands_follow_the_domain_rules() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
 
+/// The membership events stored for `user` in `community`, in order.
+async fn membership_events(app: &App, community: &str, user: &str) -> Vec<String> {
+    let parse = |s: &str| s.parse::<uuid::Uuid>().expect("uuid");
+    let id = rookery_events::membership::membership_id(parse(community), parse(user));
+    sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = 'membership' AND aggregate_id = $1
+         ORDER BY sequence",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.db.pool)
+    .await
+    .expect("events")
+}
+
+#[tokio::test]
+async fn joins_decided_without_a_load_follow_the_stored_state() {
+    let app = App::new().await;
+    let (_, owner) = app.user("owner").await;
+    let (alice_id, alice) = app.user("alice").await;
+    let (bob_id, bob) = app.user("bob").await;
+    let (carol_id, carol) = app.user("carol").await;
+    let id = app.community(&owner, "cached-joins", true).await;
+    let members = format!("/v1/communities/{id}/members");
+
+    // Alice's join loads the community (and caches it); then the owner switches to approval,
+    // which leaves this process's cached copy one version behind.
+    let r = app.call(Method::POST, &members, Some(&alice), None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/communities/{id}"),
+            Some(&owner),
+            Some(json!({"join_mode": "approval"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // Bob's join must see approval mode, not the cached open one; Carol's (cache refreshed) too.
+    for (user, token) in [(&bob_id, &bob), (&carol_id, &carol)] {
+        let r = app.call(Method::POST, &members, Some(token), None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(membership_events(&app, &id, user).await, ["JoinRequested"]);
+    }
+
+    // A member who left is no first joiner: her rejoin continues her membership's sequence.
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("{members}/{alice_id}"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = app.call(Method::POST, &members, Some(&alice), None).await;
+    assert_eq!(
+        (r.status, &r.body["version"]),
+        (StatusCode::CREATED, &json!(3)),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        membership_events(&app, &id, &alice_id).await,
+        ["MemberJoined", "MemberLeft", "JoinRequested"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn platform_servers_and_identities_are_unique() {
     let app = App::new().await;

@@ -253,7 +253,9 @@ impl From<DomainError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict { .. } => ApiError::Conflict {
+            // A stale guard reaching a client means the command raced another writer, as a
+            // conflict does.
+            StoreError::Conflict { .. } | StoreError::Stale { .. } => ApiError::Conflict {
                 detail: e.to_string(),
                 field: None,
             },

@@ -6,6 +6,7 @@ use rookery_nats::Bus;
 use rookery_store::EventStore;
 use sqlx::PgPool;
 
+use crate::access::CommunityCache;
 use crate::auth::JwtKeys;
 use crate::config::ApiConfig;
 use crate::metrics::Metrics;
@@ -22,6 +23,7 @@ struct Inner {
     config: ApiConfig,
     bus: Option<Bus>,
     metrics: Arc<Metrics>,
+    communities: CommunityCache,
 }
 
 impl AppState {
@@ -36,6 +38,7 @@ impl AppState {
                 config,
                 bus,
                 metrics: Arc::new(Metrics::default()),
+                communities: CommunityCache::default(),
             }),
         }
     }
@@ -47,6 +50,10 @@ impl AppState {
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    pub(crate) fn communities(&self) -> &CommunityCache {
+        &self.inner.communities
     }
 
     pub fn store(&self) -> &EventStore {

@@ -3,17 +3,20 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use rookery_domain::{Membership, MembershipCommand, User};
+use std::time::Instant;
+
+use rookery_domain::{Community, Membership, MembershipCommand, User};
 use rookery_events::membership::membership_id;
 use rookery_events::{JoinMode, MemberStatus, Role};
 use rookery_projections::members::{MemberQuery, MemberSort, MemberView, DEFAULT_LIMIT, MAX_LIMIT};
+use rookery_store::{Loaded, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::access::{community_not_found, CommunityAccess};
 use crate::auth::AuthUser;
-use crate::commands::{execute, execute_loaded, CommandResult, Ctx};
+use crate::commands::{execute, execute_loaded, Change, CommandResult, Ctx, Tx};
 use crate::error::ApiError;
 use crate::extract::{parse_min_position, Json, JsonOrEmpty, Path, Query, RequestMeta};
 use crate::openapi::{
@@ -202,10 +205,15 @@ pub(crate) async fn add(
     Path(id): Path<Uuid>,
     JsonOrEmpty(body): JsonOrEmpty<AddMemberRequest>,
 ) -> Result<(StatusCode, Json<CommandResult>), ApiError> {
-    let access = CommunityAccess::load(&state, &auth, id).await?;
-    let context = access.community.aggregate.context();
     let ctx = Ctx::new(&auth, meta);
     let target = body.user_id.filter(|u| *u != auth.user_id);
+    if target.is_none() {
+        if let Some(result) = join_without_load(&state, &auth, &ctx, id).await? {
+            return Ok(created_or_ok(result));
+        }
+    }
+    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let context = access.community.aggregate.context();
     let result = match target {
         None => {
             // The community id works as an invite link for open and approval communities, even
@@ -255,6 +263,72 @@ pub(crate) async fn add(
         }
     };
     Ok(created_or_ok(result))
+}
+
+/// A join decided without loading anything: on the community as this process last loaded it,
+/// and on the caller never having been a member (true of every first join). The insert's guards
+/// confirm both — the community still at that version, the membership still without events — or
+/// it writes nothing. `None` whenever the shortcut does not apply or its premise was wrong: the
+/// caller then takes the loading path, whose answer (a refusal included) is the authoritative one.
+#[tracing::instrument(skip_all)]
+async fn join_without_load(
+    state: &AppState,
+    auth: &AuthUser,
+    ctx: &Ctx,
+    id: Uuid,
+) -> Result<Option<CommandResult>, ApiError> {
+    if !auth.reaches(id) || ctx.meta.if_match.is_some() {
+        return Ok(None);
+    }
+    let Some(community) = state.communities().get(id) else {
+        return Ok(None);
+    };
+    let context = community.aggregate.context();
+    // The premise makes the caller an outsider, whom an invite-only private community refuses.
+    if !community.aggregate.is_public && context.join_mode == JoinMode::Invite {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let never_joined = Loaded {
+        aggregate: Membership::default(),
+        version: 0,
+    };
+    let join = MembershipCommand::Join {
+        community_id: id,
+        user_id: auth.user_id,
+        context,
+    };
+    let membership = membership_id(id, auth.user_id).to_string();
+    let Ok(change) = Change::decide(membership, never_joined, vec![join]) else {
+        return Ok(None);
+    };
+    if change.is_empty() {
+        return Ok(None);
+    }
+    let mut tx = Tx::new(ctx);
+    tx.stage(&change)?;
+    tx.guard::<Community>(&id.to_string(), community.version);
+    tx.guard::<Membership>(&change.id, 0);
+    let position = match tx.try_commit(state).await {
+        Ok(position) => position,
+        Err(StoreError::Stale { .. }) => return Ok(None),
+        Err(e) => {
+            let elapsed = started.elapsed().as_secs_f64();
+            state
+                .metrics()
+                .observe_command("member.join", elapsed, false);
+            return Err(e.into());
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    state
+        .metrics()
+        .observe_command("member.join", elapsed, true);
+    Ok(Some(CommandResult {
+        version: change.version(),
+        id: change.id,
+        position,
+    }))
 }
 
 async fn require_user(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
