@@ -5,6 +5,9 @@
 //! atomically at the very end (group-committed with concurrent commands when they take no
 //! claims), so a rejected command stores nothing. Commands that change nothing answer the current
 //! version and `position: null` without writing.
+//!
+//! One command skips the load: a first join (`routes::members`) is decided on a cached community
+//! and staged with [`Tx::guard`]s, which make the insert itself confirm what the load would have.
 
 use std::future::Future;
 use std::time::Instant;
