@@ -14,7 +14,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -636,74 +635,116 @@ async fn latency(
         plan.latency_window.as_secs_f64()
     ));
     let communities = Arc::new(env.communities.clone());
-    let mut requests = JoinSet::new();
-    let mut late_sends = 0u64;
-    for i in 0..total {
-        let due = start + stats::scheduled_offset(i, rate);
-        tokio::time::sleep_until(due).await;
-        if Instant::now() - due > Duration::from_millis(1) {
-            late_sends += 1;
-        }
-        inflight.fetch_add(1, Ordering::SeqCst);
-        let (http, keys, base) = (env.http.clone(), env.keys.clone(), base.clone());
-        let (pending, accepted, errors, first_error, in_flight) = (
+    // The sends are timed by a thread of their own with the OS timer: the runtime's timer has
+    // 1 ms ticks and its tasks queue behind the application's, and every bit of lateness of a
+    // send would be counted against the system under test.
+    let sent = Arc::new(AtomicU64::new(0));
+    // Stops the sending thread when this scenario ends early (its budget ran out).
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let generator = {
+        let stop = stop.0.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let (http, keys, sent, inflight) = (
+            env.http.clone(),
+            env.keys.clone(),
+            sent.clone(),
+            inflight.clone(),
+        );
+        let (pending, accepted, errors, first_error) = (
             pending.clone(),
             accepted.clone(),
             errors.clone(),
             first_error.clone(),
-            inflight.clone(),
         );
-        let community = communities[(i as usize) % communities.len().max(1)];
-        requests.spawn(async move {
-            let user = Uuid::new_v4();
-            let outcome = async {
-                let token = mint(&keys, user)?;
-                join(&http, &base, &token, community).await
-            }
-            .await;
-            match outcome {
-                Ok(()) => {
-                    let answered = Instant::now() - due;
-                    if let Ok(mut a) = accepted.lock() {
-                        a.push(answered);
-                    }
-                    if let Ok(mut p) = pending.lock() {
-                        p.insert(user, due);
-                    }
+        let start = start.into_std();
+        tokio::task::spawn_blocking(move || {
+            let mut requests = Vec::with_capacity(total as usize);
+            let mut behind = Vec::with_capacity(total as usize);
+            for i in 0..total {
+                if stop.load(Ordering::Relaxed) {
+                    break;
                 }
-                Err(e) => {
-                    errors.fetch_add(1, Ordering::SeqCst);
-                    if let Ok(mut f) = first_error.lock() {
-                        f.get_or_insert_with(|| format!("{e:#}"));
-                    }
+                let due = start + stats::scheduled_offset(i, rate);
+                let now = std::time::Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
                 }
+                behind.push(std::time::Instant::now().saturating_duration_since(due));
+                inflight.fetch_add(1, Ordering::SeqCst);
+                let due = Instant::from_std(due);
+                let (http, keys, base) = (http.clone(), keys.clone(), base.clone());
+                let (pending, accepted, errors, first_error, in_flight) = (
+                    pending.clone(),
+                    accepted.clone(),
+                    errors.clone(),
+                    first_error.clone(),
+                    inflight.clone(),
+                );
+                let community = communities[(i as usize) % communities.len().max(1)];
+                requests.push(runtime.spawn(async move {
+                    let user = Uuid::new_v4();
+                    let outcome = async {
+                        let token = mint(&keys, user)?;
+                        join(&http, &base, &token, community).await
+                    }
+                    .await;
+                    match outcome {
+                        Ok(()) => {
+                            let answered = Instant::now() - due;
+                            if let Ok(mut a) = accepted.lock() {
+                                a.push(answered);
+                            }
+                            if let Ok(mut p) = pending.lock() {
+                                p.insert(user, due);
+                            }
+                        }
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::SeqCst);
+                            if let Ok(mut f) = first_error.lock() {
+                                f.get_or_insert_with(|| format!("{e:#}"));
+                            }
+                        }
+                    }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                }));
+                sent.store(i + 1, Ordering::Relaxed);
             }
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-        });
-        while requests.try_join_next().is_some() {}
-        if i % 100 == 0 {
-            progress.tick(&format!(
-                "latency: {i}/{total} sent, {} in flight",
+            (requests, behind)
+        })
+    };
+    tokio::pin!(generator);
+    let (requests, behind) = loop {
+        tokio::select! {
+            done = &mut generator => break done.context("latency load generator")?,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => progress.tick(&format!(
+                "latency: {}/{total} sent, {} in flight",
+                sent.load(Ordering::Relaxed),
                 inflight.load(Ordering::Relaxed)
-            ));
+            )),
         }
-    }
+    };
     let sent_for = Instant::now() - start;
     sent_all.store(true, Ordering::SeqCst);
     progress.status("latency: waiting for the last commands to become visible");
+    let aborts: Vec<_> = requests.iter().map(|r| r.abort_handle()).collect();
     let unanswered = match tokio::time::timeout(
         drain_deadline.saturating_duration_since(Instant::now()),
-        async { while requests.join_next().await.is_some() {} },
+        futures::future::join_all(requests),
     )
     .await
     {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(_) => {
-            let left = requests.len() as u64;
-            requests.abort_all();
+            let left = aborts.iter().filter(|a| !a.is_finished()).count() as u64;
+            aborts.iter().for_each(|a| a.abort());
             left
         }
     };
+    let late_sends = behind
+        .iter()
+        .filter(|b| **b > Duration::from_millis(1))
+        .count();
+    let behind = Latencies::new(behind);
     let (visible, unseen) = observer.await.context("latency observer")??;
     let accepted = accepted.lock().map(|a| a.clone()).unwrap_or_default();
     let errors = errors.load(Ordering::SeqCst);
@@ -719,10 +760,12 @@ async fn latency(
     let p = |l: &Latencies, q: f64| l.percentile(q).map(stats::ms);
 
     let mut context = format!(
-        "{total} joins due at {}/s over {:.1}s (sent in {:.1}s, {late_sends} sent >1 ms late); {n_visible} seen in members",
+        "{total} joins due at {}/s over {:.1}s (sent in {:.1}s, each behind its due time by p50 {:.3} ms / p99 {:.3} ms, {late_sends} by >1 ms); {n_visible} seen in members",
         plan.latency_rate,
         plan.latency_window.as_secs_f64(),
-        sent_for.as_secs_f64()
+        sent_for.as_secs_f64(),
+        behind.percentile(0.5).map(stats::ms).unwrap_or(0.0),
+        behind.percentile(0.99).map(stats::ms).unwrap_or(0.0),
     );
     if n_unseen > 0 || errors > 0 || unanswered > 0 {
         context.push_str(&format!(
@@ -764,6 +807,14 @@ async fn latency(
         ("due → answered 201".to_string(), acc.curve()),
     ];
     Ok((figures, curves))
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 // ---- relay ----
