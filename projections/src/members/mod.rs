@@ -230,12 +230,15 @@ async fn load_members(
 /// The `members` rows of the keys in the parallel uuid arrays `communities` and `users` (two
 /// placeholders), as [`MEMBER_COLUMNS`]. A lateral lookup per key: a plain join of the key
 /// list may be planned (and the plan cached) as a scan of the whole table while it is small.
+/// The `LIMIT` keeps the planner from flattening the lateral subquery back into such a join:
+/// without it every live batch scanned all of `members` (hash join), measured growing with the
+/// table until the projection's batches took most of a core.
 fn member_lookup(members: &str, communities: &str, users: &str) -> String {
     format!(
         "SELECT {MEMBER_COLUMNS}
          FROM UNNEST({communities}::uuid[], {users}::uuid[]) AS k(c, u)
          CROSS JOIN LATERAL (SELECT * FROM {members} m
-                             WHERE m.community_id = k.c AND m.user_id = k.u) m"
+                             WHERE m.community_id = k.c AND m.user_id = k.u LIMIT 1) m"
     )
 }
 

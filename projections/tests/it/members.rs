@@ -572,3 +572,57 @@ async fn lists_page_with_keyset_cursors_filters_and_sorts() {
         0
     );
 }
+
+/// A live batch finds its member rows by key, however large `members` has grown since its
+/// statements were first planned (while the table was empty and never analysed).
+#[tokio::test]
+async fn a_batch_looks_members_up_by_key_after_the_table_grew() {
+    let db = TestDb::create().await.expect("db");
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let c = Uuid::new_v4();
+    let mut log = Log::new();
+    let batch = |log: &mut Log| {
+        let start = log.events.len();
+        log.m(MembershipEvent::MemberJoined {
+            community_id: c,
+            user_id: Uuid::new_v4(),
+            role: Role::Member,
+        });
+        log.events[start..].to_vec()
+    };
+    // More than five runs on one connection: enough for Postgres to cache a generic plan.
+    for _ in 0..8 {
+        let events = batch(&mut log);
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
+        MembersProjection
+            .apply(&mut tx, &live(), &events)
+            .await
+            .expect("apply");
+        tx.commit().await.expect("commit");
+    }
+    sqlx::query(
+        "INSERT INTO members (community_id, user_id, username, role, status, joined_at,
+                              updated_at, txid, gpos)
+         SELECT gen_random_uuid(), gen_random_uuid(), '', 'member', 'active', now(), now(), 0, 0
+         FROM generate_series(1, 20000)",
+    )
+    .execute(&mut *conn)
+    .await
+    .expect("grow members");
+
+    let events = batch(&mut log);
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
+    MembersProjection
+        .apply(&mut tx, &live(), &events)
+        .await
+        .expect("apply");
+    let scans: i64 = sqlx::query_scalar(
+        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'members'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("scan count");
+    tx.commit().await.expect("commit");
+    assert_eq!(scans, 0, "the batch scanned all of members");
+    assert_eq!(members::member_count(&db.pool, c).await.expect("count"), 9);
+}
