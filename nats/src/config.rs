@@ -81,7 +81,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 2000,
             poll_interval: Duration::from_millis(100),
-            min_read_interval: Duration::from_millis(3),
+            min_read_interval: Duration::from_millis(1),
             min_save_interval: Duration::from_millis(20),
             standby_retry: Duration::from_secs(1),
         }

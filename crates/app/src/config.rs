@@ -208,7 +208,7 @@ mod tests {
         let c = from(&[]).expect("defaults");
         assert_eq!(c.partitions, 1);
         assert_eq!(c.batch_interval, Duration::from_millis(5));
-        assert_eq!(c.relay_interval, Duration::from_millis(3));
+        assert_eq!(c.relay_interval, Duration::from_millis(1));
         let c = from(&[
             ("ROOKERY_BATCH_INTERVAL_MS", "0"),
             ("ROOKERY_RELAY_INTERVAL_MS", "25"),
