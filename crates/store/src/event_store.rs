@@ -323,14 +323,11 @@ impl Rows {
     fn conflict(&self, error: sqlx::Error) -> StoreError {
         if let sqlx::Error::Database(db) = &error {
             if db.constraint() == Some("events_pkey") {
+                let (aggregate_type, aggregate_id) =
+                    first_aggregate(&self.aggregate_type, &self.aggregate_id);
                 return StoreError::Conflict {
-                    aggregate_type: self
-                        .aggregate_type
-                        .first()
-                        .copied()
-                        .unwrap_or_default()
-                        .into(),
-                    aggregate_id: self.aggregate_id.first().cloned().unwrap_or_default(),
+                    aggregate_type,
+                    aggregate_id,
                 };
             }
         }
@@ -374,16 +371,21 @@ impl Guards {
     }
 
     fn stale(&self) -> StoreError {
+        let (aggregate_type, aggregate_id) =
+            first_aggregate(&self.aggregate_type, &self.aggregate_id);
         StoreError::Stale {
-            aggregate_type: self
-                .aggregate_type
-                .first()
-                .copied()
-                .unwrap_or_default()
-                .into(),
-            aggregate_id: self.aggregate_id.first().cloned().unwrap_or_default(),
+            aggregate_type,
+            aggregate_id,
         }
     }
+}
+
+/// The first of parallel aggregate columns, to name in an error.
+fn first_aggregate(types: &[&'static str], ids: &[String]) -> (String, String) {
+    (
+        types.first().copied().unwrap_or_default().into(),
+        ids.first().cloned().unwrap_or_default(),
+    )
 }
 
 /// Inserts `rows` in one statement (atomic on its own, or part of `conn`'s transaction) and

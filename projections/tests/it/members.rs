@@ -573,6 +573,24 @@ async fn lists_page_with_keyset_cursors_filters_and_sorts() {
     );
 }
 
+/// Applies `events` as one live batch on `conn`; returns how many sequential scans of `members`
+/// the batch's transaction made.
+async fn apply_counting_scans(conn: &mut sqlx::PgConnection, events: &[RecordedEvent]) -> i64 {
+    let mut tx = sqlx::Connection::begin(conn).await.expect("begin");
+    MembersProjection
+        .apply(&mut tx, &live(), events)
+        .await
+        .expect("apply");
+    let scans = sqlx::query_scalar(
+        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'members'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("scan count");
+    tx.commit().await.expect("commit");
+    scans
+}
+
 /// A live batch finds its member rows by key, however large `members` has grown since its
 /// statements were first planned (while the table was empty and never analysed).
 #[tokio::test]
@@ -592,13 +610,7 @@ async fn a_batch_looks_members_up_by_key_after_the_table_grew() {
     };
     // More than five runs on one connection: enough for Postgres to cache a generic plan.
     for _ in 0..8 {
-        let events = batch(&mut log);
-        let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
-        MembersProjection
-            .apply(&mut tx, &live(), &events)
-            .await
-            .expect("apply");
-        tx.commit().await.expect("commit");
+        apply_counting_scans(&mut conn, &batch(&mut log)).await;
     }
     sqlx::query(
         "INSERT INTO members (community_id, user_id, username, role, status, joined_at,
@@ -610,19 +622,7 @@ async fn a_batch_looks_members_up_by_key_after_the_table_grew() {
     .await
     .expect("grow members");
 
-    let events = batch(&mut log);
-    let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
-    MembersProjection
-        .apply(&mut tx, &live(), &events)
-        .await
-        .expect("apply");
-    let scans: i64 = sqlx::query_scalar(
-        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'members'",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .expect("scan count");
-    tx.commit().await.expect("commit");
+    let scans = apply_counting_scans(&mut conn, &batch(&mut log)).await;
     assert_eq!(scans, 0, "the batch scanned all of members");
     assert_eq!(members::member_count(&db.pool, c).await.expect("count"), 9);
 }

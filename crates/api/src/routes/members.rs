@@ -1,10 +1,10 @@
 //! `/v1/communities/{id}/members`: joining, adding, roles, leaving, removing, bans, and the
 //! member list (from the members read model, with read-your-writes via `min_position`).
 
-use axum::extract::State;
-use axum::http::StatusCode;
 use std::time::Instant;
 
+use axum::extract::State;
+use axum::http::StatusCode;
 use rookery_domain::{Community, Membership, MembershipCommand, User};
 use rookery_events::membership::membership_id;
 use rookery_events::{JoinMode, MemberStatus, Role};
