@@ -204,6 +204,22 @@ impl Tx {
         Ok(outcome.position.map(|p| p.to_string()))
     }
 
+    /// Commits a transaction holding `change` (staged, with any guards) and answers with the
+    /// aggregate's id, new version and the position of its last event.
+    pub async fn commit_change<A: Decider>(
+        self,
+        state: &AppState,
+        change: Change<A>,
+    ) -> Result<CommandResult, StoreError> {
+        let position = self.try_commit(state).await?;
+        tracing::debug!(events = change.events.len(), ?position, "command committed");
+        Ok(CommandResult {
+            version: change.version(),
+            id: change.id,
+            position,
+        })
+    }
+
     /// Opens a transaction holding the staged changes (claims taken at once), for side rows
     /// that must commit with the events (credentials).
     pub async fn begin(self, state: &AppState) -> Result<UnitOfWork, ApiError> {
@@ -287,13 +303,7 @@ async fn run_loaded<A: Decider>(
     }
     let mut tx = Tx::new(ctx);
     tx.stage(&change)?;
-    let position = tx.commit(state).await?;
-    tracing::debug!(events = change.events.len(), ?position, "command committed");
-    Ok(CommandResult {
-        version: change.version(),
-        id: change.id,
-        position,
-    })
+    Ok(tx.commit_change(state, change).await?)
 }
 
 #[cfg(test)]

@@ -637,6 +637,21 @@ async fn joins_decided_without_a_load_follow_the_stored_state() {
         membership_events(&app, &id, &alice_id).await,
         ["MemberJoined", "MemberLeft", "JoinRequested"]
     );
+
+    // Tenant isolation holds on the cached path too: a token scoped to another community does
+    // not reach this one, cached or not.
+    let keys = crate::auth::JwtKeys::new(&AuthConfig::new("db-test-secret"));
+    let mut claims = keys.claims_for(uuid::Uuid::new_v4(), chrono::Utc::now());
+    claims.community_id = Some(uuid::Uuid::new_v4());
+    let scoped = keys.sign(&claims).expect("scoped token");
+    let before = app.event_count().await;
+    let r = app.call(Method::POST, &members, Some(&scoped), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert_eq!(
+        app.event_count().await,
+        before,
+        "the scoped join stored nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

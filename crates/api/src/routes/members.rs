@@ -309,26 +309,17 @@ async fn join_without_load(
     tx.stage(&change)?;
     tx.guard::<Community>(&id.to_string(), community.version);
     tx.guard::<Membership>(&change.id, 0);
-    let position = match tx.try_commit(state).await {
-        Ok(position) => position,
-        Err(StoreError::Stale { .. }) => return Ok(None),
-        Err(e) => {
+    match tx.commit_change(state, change).await {
+        // Not a command outcome: the loading path decides, and is timed, next.
+        Err(StoreError::Stale { .. }) => Ok(None),
+        outcome => {
             let elapsed = started.elapsed().as_secs_f64();
             state
                 .metrics()
-                .observe_command("member.join", elapsed, false);
-            return Err(e.into());
+                .observe_command("member.join", elapsed, outcome.is_ok());
+            Ok(Some(outcome?))
         }
-    };
-    let elapsed = started.elapsed().as_secs_f64();
-    state
-        .metrics()
-        .observe_command("member.join", elapsed, true);
-    Ok(Some(CommandResult {
-        version: change.version(),
-        id: change.id,
-        position,
-    }))
+    }
 }
 
 async fn require_user(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
