@@ -5,6 +5,7 @@ mod auth;
 mod authz;
 mod flow;
 mod ops;
+mod pipeline;
 mod recovery;
 mod store;
 mod uniqueness;

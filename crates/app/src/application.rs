@@ -1,12 +1,13 @@
 //! Building and running Rookery's parts in one process.
 
 use crate::config::Config;
+use crate::pipeline::Pipeline;
 use anyhow::Context;
 use base64::Engine;
 use rand::RngCore;
 use rookery_api::{ApiConfig, AppState, AuthConfig};
-use rookery_nats::{Bus, BusConfig, Relay, RelayConfig};
-use rookery_projections::{ProjectionWorker, WorkerConfig, WorkerStats};
+use rookery_nats::{Bus, BusConfig};
+use rookery_projections::{ProjectionWorker, WorkerStats};
 use rookery_store::{DbConfig, PgPool};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,9 +32,6 @@ impl Mode {
     fn serves_http(self) -> bool {
         matches!(self, Mode::Up | Mode::Serve)
     }
-    fn runs_workers(self) -> bool {
-        matches!(self, Mode::Up | Mode::Work)
-    }
 }
 
 pub struct Application {
@@ -43,8 +41,8 @@ pub struct Application {
     bus: Bus,
     listener: Option<TcpListener>,
     state: Option<AppState>,
-    /// The projection workers this mode runs, built up front so their stats can be watched.
-    workers: Vec<ProjectionWorker>,
+    /// The relay and projection workers, when this mode runs them.
+    pipeline: Option<Pipeline>,
 }
 
 /// How long running parts get to drain after shutdown is requested.
@@ -75,7 +73,7 @@ impl Application {
             BusConfig::new(&config.nats_url, &config.stream, &config.subject_prefix);
         bus_config.partitions = config.partitions;
         bus_config.ack_wait = config.ack_wait;
-        let bus = Bus::connect(bus_config).await?;
+        let bus = Bus::connect(bus_config.clone()).await?;
 
         let state = if mode.serves_http() {
             let secret = jwt_secret(&pool, &config).await?;
@@ -96,17 +94,10 @@ impl Application {
         } else {
             None
         };
-        let workers = if mode.runs_workers() {
-            let worker_config = WorkerConfig {
-                min_batch_interval: config.batch_interval,
-                ..WorkerConfig::default()
-            };
-            rookery_projections::all()
-                .into_iter()
-                .map(|p| ProjectionWorker::new(pool.clone(), bus.clone(), p, worker_config.clone()))
-                .collect()
-        } else {
-            Vec::new()
+        let pipeline = match mode {
+            Mode::Up => Some(Pipeline::isolated(&config, &db, &bus_config).await?),
+            Mode::Work => Some(Pipeline::shared(&config, pool.clone(), bus.clone())),
+            Mode::Serve => None,
         };
         Ok(Self {
             config,
@@ -115,15 +106,16 @@ impl Application {
             bus,
             listener,
             state,
-            workers,
+            pipeline,
         })
     }
 
     /// The counters of the live worker of projection `name`, when this mode runs it; its
     /// `committed` notifies after every batch.
     pub fn projection_stats(&self, name: &str) -> Option<Arc<WorkerStats>> {
-        self.workers
+        self.pipeline
             .iter()
+            .flat_map(|p| &p.workers)
             .find(|w| w.projection_name() == name)
             .map(ProjectionWorker::stats)
     }
@@ -166,20 +158,9 @@ impl Application {
                 ("api", result)
             });
         }
-        if self.mode.runs_workers() {
-            let relay_config = RelayConfig {
-                min_read_interval: self.config.relay_interval,
-                ..RelayConfig::default()
-            };
-            let relay = Relay::new(self.pool.clone(), self.bus.clone(), relay_config);
-            let stop = token.clone().cancelled_owned();
-            tasks.spawn(async move { ("relay", relay.run(stop).await) });
-
-            for worker in self.workers {
-                let stop = token.clone().cancelled_owned();
-                tasks.spawn(async move { ("projection worker", worker.run(stop).await) });
-            }
-        }
+        let pipeline = self
+            .pipeline
+            .map(|p| p.spawn(&mut tasks, || token.clone().cancelled_owned()));
         tracing::info!(mode = ?self.mode, stream = %self.config.stream, "rookery running");
 
         let mut outcome = Ok(());
@@ -203,6 +184,9 @@ impl Application {
         if drained.is_err() {
             tasks.abort_all();
             tracing::error!("parts did not stop within {DRAIN_TIMEOUT:?}; aborted them");
+        }
+        if let Some(pipeline) = pipeline {
+            pipeline.close().await;
         }
         self.pool.close().await;
         outcome

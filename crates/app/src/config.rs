@@ -33,6 +33,10 @@ pub struct Config {
     pub batch_interval: Duration,
     /// `ROOKERY_RELAY_INTERVAL_MS`: the same for the relay's reads of the log.
     pub relay_interval: Duration,
+    /// `ROOKERY_PIPELINE_NICE` (0–19): in `up`, how many nice steps the relay's and projection
+    /// workers' threads run below the API's, so requests come first when the cores are busy
+    /// (Linux).
+    pub pipeline_nice: i32,
     /// Whether `DATABASE_URL` / `NATS_URL` were set: an explicit URL is never replaced by a
     /// private server.
     pub database_url_explicit: bool,
@@ -56,6 +60,7 @@ impl Default for Config {
             ack_wait: Duration::from_secs(30),
             batch_interval: rookery_projections::WorkerConfig::default().min_batch_interval,
             relay_interval: rookery_nats::RelayConfig::default().min_read_interval,
+            pipeline_nice: 10,
             database_url_explicit: false,
             nats_url_explicit: false,
             data_dir: PathBuf::from(".rookery"),
@@ -120,6 +125,9 @@ impl Config {
         if let Some(v) = set("ROOKERY_RELAY_INTERVAL_MS") {
             c.relay_interval = Duration::from_millis(parse_num("ROOKERY_RELAY_INTERVAL_MS", &v)?);
         }
+        if let Some(v) = set("ROOKERY_PIPELINE_NICE") {
+            c.pipeline_nice = parse_num("ROOKERY_PIPELINE_NICE", &v)?;
+        }
         c.jwt_secret = set("ROOKERY_JWT_SECRET");
         c.validate()?;
         Ok(c)
@@ -147,6 +155,12 @@ impl Config {
             bail!(
                 "ROOKERY_PARTITIONS must be between 1 and 256, not {}",
                 self.partitions
+            );
+        }
+        if !(0..=19).contains(&self.pipeline_nice) {
+            bail!(
+                "ROOKERY_PIPELINE_NICE must be between 0 and 19, not {}",
+                self.pipeline_nice
             );
         }
         if let Some(secret) = &self.jwt_secret {
@@ -197,10 +211,57 @@ mod tests {
         assert!(err.to_string().contains("ROOKERY_STREAM"));
         let err = from(&[("ROOKERY_JWT_SECRET", "short")]).expect_err("short secret");
         assert!(err.to_string().contains("ROOKERY_JWT_SECRET"));
+        let err = from(&[("ROOKERY_PIPELINE_NICE", "20")]).expect_err("nice above 19");
+        assert!(err.to_string().contains("ROOKERY_PIPELINE_NICE"));
+        let err = from(&[("ROOKERY_PIPELINE_NICE", "-5")]).expect_err("negative nice");
+        assert!(err.to_string().contains("ROOKERY_PIPELINE_NICE"));
         for key in ["ROOKERY_BATCH_INTERVAL_MS", "ROOKERY_RELAY_INTERVAL_MS"] {
             let err = from(&[(key, "10ms")]).expect_err("unit in a number");
             assert!(err.to_string().contains(key));
         }
+    }
+
+    /// Every variable the configuration reads is in `.env.sample` and the README, and the
+    /// sample's values are the defaults it says they are.
+    #[test]
+    fn every_variable_is_documented_with_its_default() {
+        let read = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|k| {
+            read.borrow_mut().push(k.to_string());
+            None
+        })
+        .expect("defaults");
+        let sample = include_str!("../../../.env.sample");
+        let readme = include_str!("../../../README.md");
+        let internal = ["ROOKERY_DEFAULT_DATABASE_URL", "ROOKERY_DEFAULT_NATS_URL"];
+        for key in read
+            .borrow()
+            .iter()
+            .filter(|k| !internal.contains(&k.as_str()))
+        {
+            assert!(
+                sample.contains(&format!("{key}=")),
+                "{key} missing from .env.sample"
+            );
+            assert!(
+                readme.contains(&format!("`{key}`")),
+                "{key} missing from the README"
+            );
+        }
+        let values: HashMap<&str, &str> = sample
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .collect();
+        let mut from_sample =
+            Config::from_lookup(|k| values.get(k).map(|v| v.to_string())).expect("sample");
+        from_sample.database_url_explicit = false;
+        from_sample.nats_url_explicit = false;
+        assert_eq!(
+            format!("{from_sample:?}"),
+            format!("{:?}", Config::default()),
+            ".env.sample shows other values than the defaults"
+        );
     }
 
     #[test]
@@ -209,12 +270,15 @@ mod tests {
         assert_eq!(c.partitions, 1);
         assert_eq!(c.batch_interval, Duration::from_millis(5));
         assert_eq!(c.relay_interval, Duration::from_millis(1));
+        assert_eq!(c.pipeline_nice, 10);
         let c = from(&[
             ("ROOKERY_BATCH_INTERVAL_MS", "0"),
             ("ROOKERY_RELAY_INTERVAL_MS", "25"),
+            ("ROOKERY_PIPELINE_NICE", "0"),
         ])
         .expect("intervals");
         assert_eq!(c.batch_interval, Duration::ZERO);
         assert_eq!(c.relay_interval, Duration::from_millis(25));
+        assert_eq!(c.pipeline_nice, 0);
     }
 }

@@ -9,6 +9,7 @@
 //! - [`config`]: configuration from the environment, with working defaults.
 //! - [`telemetry`]: the tracing subscriber (pretty locally, JSON in production, quiet in tests).
 //! - [`application`]: building and running the parts, graceful shutdown.
+//! - [`pipeline`]: the relay and projection workers; beside the API, on threads of their own.
 
 pub mod application;
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod doctor;
 pub mod embedded;
 pub mod exit;
+pub mod pipeline;
 pub mod telemetry;
 
 pub use application::{Application, Mode};

@@ -1,0 +1,109 @@
+//! `rookery up`: the relay and the projection workers run on threads of their own, beside the
+//! API's runtime and behind it in CPU priority.
+
+use rookery_tests::spawn_app_with;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Counts `community`'s rows in the members read model from an OS thread of its own, polling
+/// until one appears or `deadline` passes.
+fn watch_members(database_url: String, community: Uuid, deadline: Duration) -> i64 {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("watcher runtime");
+        rt.block_on(async move {
+            let pool = sqlx::PgPool::connect(&database_url)
+                .await
+                .expect("watcher connects");
+            let until = tokio::time::Instant::now() + deadline;
+            loop {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM members WHERE community_id = $1")
+                        .bind(community)
+                        .fetch_one(&pool)
+                        .await
+                        .expect("count members");
+                if n > 0 || tokio::time::Instant::now() >= until {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    })
+    .join()
+    .expect("watcher thread")
+}
+
+/// The test's runtime has one thread, which also runs the API. Blocking it while the
+/// community's creation is still on its way to the read model leaves the event to the
+/// pipeline's own threads: the owner's membership must appear all the same.
+#[tokio::test]
+async fn the_pipeline_projects_while_the_api_runtime_is_blocked() {
+    let app = spawn_app_with(|_| {}).await;
+    let owner = app.user("owner").await;
+    let (community, _) = app.community(&owner, "pipeline-fans", true).await;
+
+    // `join` blocks this thread: nothing on the test's runtime runs until the watcher returns.
+    let seen = watch_members(app.db.url.clone(), community, Duration::from_secs(15));
+    assert_eq!(
+        seen, 1,
+        "the owner's membership was projected while the API's runtime was blocked"
+    );
+}
+
+/// The pipeline's threads run `ROOKERY_PIPELINE_NICE` steps below the rest of the process (the
+/// suite may itself run under `nice`).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_pipeline_threads_run_at_the_configured_nice_value() {
+    let app = spawn_app_with(|c| c.pipeline_nice = 7).await;
+    let threads = threads_by_name();
+    let base = threads
+        .iter()
+        .find(|(name, _)| name != rookery_app::pipeline::THREAD_NAME)
+        .map(|(_, nice)| *nice)
+        .expect("the test's own thread");
+    let pipeline: Vec<i64> = threads
+        .iter()
+        .filter(|(name, _)| name == rookery_app::pipeline::THREAD_NAME)
+        .map(|(_, nice)| *nice)
+        .collect();
+    assert!(!pipeline.is_empty(), "pipeline threads: {threads:?}");
+    assert!(
+        pipeline.iter().all(|&n| n == (base + 7).min(19)),
+        "{threads:?}"
+    );
+    assert!(
+        threads
+            .iter()
+            .filter(|(name, _)| name != rookery_app::pipeline::THREAD_NAME)
+            .all(|(_, nice)| *nice == base),
+        "only the pipeline's threads are lowered: {threads:?}"
+    );
+    app.stop().await.expect("stops cleanly");
+}
+
+/// (thread name, nice value) of every thread of this process.
+#[cfg(target_os = "linux")]
+fn threads_by_name() -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let path = task.expect("task entry").path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the name's closing parenthesis start with field 3; nice is field 19.
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+            .expect("nice field");
+        out.push((name.trim().to_string(), nice));
+    }
+    out
+}
