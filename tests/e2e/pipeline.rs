@@ -54,11 +54,16 @@ async fn the_pipeline_projects_while_the_api_runtime_is_blocked() {
 }
 
 /// The pipeline's threads run `ROOKERY_PIPELINE_NICE` steps below the rest of the process (the
-/// suite may itself run under `nice`).
+/// suite may itself run under `nice`) — also the blocking-pool threads its own threads start
+/// (a host name to resolve makes the pipeline's pool start one while connecting).
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_pipeline_threads_run_at_the_configured_nice_value() {
-    let app = spawn_app_with(|c| c.pipeline_nice = 7).await;
+    let app = spawn_app_with(|c| {
+        c.pipeline_nice = 7;
+        c.database_url = c.database_url.replace("127.0.0.1", "localhost");
+    })
+    .await;
     let threads = threads_by_name();
     let base = threads
         .iter()

@@ -56,10 +56,16 @@ impl Pipeline {
         db: &DbConfig,
         bus: &BusConfig,
     ) -> anyhow::Result<Self> {
-        let nice = config.pipeline_nice;
+        // Computed here, once: threads the runtime starts later (its blocking pool) are started
+        // by its own, already lowered, threads and would otherwise be lowered again.
+        let nice = lowered_nice(config.pipeline_nice);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name(THREAD_NAME)
-            .on_thread_start(move || lower_priority(nice))
+            .on_thread_start(move || {
+                if let Some(nice) = nice {
+                    set_nice(nice);
+                }
+            })
             .enable_all()
             .build()
             .context("starting the pipeline's runtime")?;
@@ -155,24 +161,34 @@ impl Running {
     }
 }
 
-/// Lowers the calling thread's priority by `steps` nice steps from the priority it inherited
-/// (Linux keeps a nice value per thread). Raising the value needs no privilege; where it fails
-/// the thread keeps the process's priority, which only costs the API some throughput when the
-/// cores are busy.
-fn lower_priority(steps: i32) {
+/// The nice value `steps` steps below the calling thread's (Linux keeps one per thread), or
+/// `None` when threads are to keep the priority they inherit.
+fn lowered_nice(steps: i32) -> Option<i32> {
     if steps == 0 {
-        return;
+        return None;
     }
     #[cfg(target_os = "linux")]
-    {
-        use rustix::process::{getpriority_process, setpriority_process};
-        let me = Some(rustix::thread::gettid());
-        let lowered = getpriority_process(me)
-            .and_then(|nice| setpriority_process(me, (nice + steps).min(19)));
-        if let Err(e) = lowered {
-            tracing::warn!(error = %e, steps, "could not lower the pipeline threads' priority");
+    match rustix::process::getpriority_process(Some(rustix::thread::gettid())) {
+        Ok(nice) => Some((nice + steps).min(19)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this thread's priority; the pipeline keeps it");
+            None
         }
     }
     #[cfg(not(target_os = "linux"))]
-    tracing::debug!(steps, "ROOKERY_PIPELINE_NICE applies on Linux only");
+    {
+        tracing::debug!(steps, "ROOKERY_PIPELINE_NICE applies on Linux only");
+        None
+    }
+}
+
+/// Sets the calling thread's nice value. Raising it needs no privilege; where it fails the
+/// thread keeps the process's priority, which only costs the API some throughput when the cores
+/// are busy.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn set_nice(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
+        tracing::warn!(error = %e, nice, "could not lower the pipeline threads' priority");
+    }
 }
