@@ -62,7 +62,7 @@ impl Default for WorkerConfig {
         Self {
             batch_size: 500,
             fetch_wait: Duration::from_secs(1),
-            min_batch_interval: Duration::from_millis(5),
+            min_batch_interval: Duration::from_millis(3),
             max_attempts: 5,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),

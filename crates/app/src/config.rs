@@ -268,7 +268,7 @@ mod tests {
     fn batching_defaults_and_overrides() {
         let c = from(&[]).expect("defaults");
         assert_eq!(c.partitions, 1);
-        assert_eq!(c.batch_interval, Duration::from_millis(5));
+        assert_eq!(c.batch_interval, Duration::from_millis(3));
         assert_eq!(c.relay_interval, Duration::from_millis(1));
         assert_eq!(c.pipeline_nice, 10);
         let c = from(&[
