@@ -55,6 +55,21 @@ impl Bus {
     /// definition in code.
     pub async fn connect(config: BusConfig) -> anyhow::Result<Bus> {
         validate(&config)?;
+        let bus = Self::open(config).await?;
+        let Inner { config, client, js } = &*bus.inner;
+        ensure_jetstream(client, &config.url).await?;
+        ensure_stream(js, config).await?;
+        Ok(bus)
+    }
+
+    /// A second connection to the same server and stream, which [`Bus::connect`] has already
+    /// checked and set up: for parts that should not share this one's connection (its socket
+    /// is driven by the runtime that opened it).
+    pub async fn another_connection(&self) -> anyhow::Result<Bus> {
+        Self::open(self.inner.config.clone()).await
+    }
+
+    async fn open(config: BusConfig) -> anyhow::Result<Bus> {
         // No retry on the initial connect: a wrong URL should be reported at once. Once
         // connected, the client reconnects on its own for as long as the process lives.
         let client = async_nats::ConnectOptions::new()
@@ -69,8 +84,6 @@ impl Bus {
                 )
             })?;
         let js = jetstream::new(client.clone());
-        ensure_jetstream(&client, &config.url).await?;
-        ensure_stream(&js, &config).await?;
         Ok(Bus {
             inner: Arc::new(Inner { config, client, js }),
         })

@@ -73,7 +73,7 @@ impl Application {
             BusConfig::new(&config.nats_url, &config.stream, &config.subject_prefix);
         bus_config.partitions = config.partitions;
         bus_config.ack_wait = config.ack_wait;
-        let bus = Bus::connect(bus_config.clone()).await?;
+        let bus = Bus::connect(bus_config).await?;
 
         let state = if mode.serves_http() {
             let secret = jwt_secret(&pool, &config).await?;
@@ -95,7 +95,7 @@ impl Application {
             None
         };
         let pipeline = match mode {
-            Mode::Up => Some(Pipeline::isolated(&config, &db, &bus_config).await?),
+            Mode::Up => Some(Pipeline::isolated(&config, &db, &bus).await?),
             Mode::Work => Some(Pipeline::shared(&config, pool.clone(), bus.clone())),
             Mode::Serve => None,
         };

@@ -10,7 +10,7 @@
 
 use crate::config::Config;
 use anyhow::Context;
-use rookery_nats::{Bus, BusConfig, Relay, RelayConfig};
+use rookery_nats::{Bus, Relay, RelayConfig};
 use rookery_projections::{ProjectionWorker, WorkerConfig};
 use rookery_store::{DbConfig, PgPool};
 use std::future::Future;
@@ -54,7 +54,7 @@ impl Pipeline {
     pub(crate) async fn isolated(
         config: &Config,
         db: &DbConfig,
-        bus: &BusConfig,
+        bus: &Bus,
     ) -> anyhow::Result<Self> {
         // Computed here, once: threads the runtime starts later (its blocking pool) are started
         // by its own, already lowered, threads and would otherwise be lowered again.
@@ -71,12 +71,17 @@ impl Pipeline {
             .context("starting the pipeline's runtime")?;
         let handle = runtime.handle().clone();
         let runtime = OwnRuntime(Some(runtime));
-        // Connected from inside, so their sockets are driven by the pipeline's threads.
-        let (db, bus) = (db.clone(), bus.clone());
+        // Connected from inside, so their sockets are driven by the pipeline's threads. The
+        // database and the stream exist by now: the caller's connections set them up.
+        let db = DbConfig {
+            create_if_missing: false,
+            ..db.clone()
+        };
+        let bus = bus.clone();
         let (pool, bus) = handle
             .spawn(async move {
                 let pool = rookery_store::connect(&db).await?;
-                let bus = Bus::connect(bus).await?;
+                let bus = bus.another_connection().await?;
                 anyhow::Ok((pool, bus))
             })
             .await
