@@ -1,4 +1,16 @@
 //! Durable pull consumers, one per partition, and the deliveries they hand to projections.
+//!
+//! A partition's consumer keeps one pull subscription open for its whole life: the server
+//! pushes messages into it as they are stored, and a new pull request goes out (in the
+//! background) only when half of the last one's [`PREFETCH`] arrived. A projection batch then
+//! takes what has arrived without a round trip to the server.
+//!
+//! That subscription's background task can still send a pull request after the consumer was
+//! dropped. So every (re)creation gets a consumer of a **new name** (`<base>-<12 hex>`), after
+//! deleting the partition's earlier ones: a late request from an old subscription can only reach
+//! a deleted consumer, never make the new one deliver to an inbox nobody reads. Should a
+//! delivery still go missing, its consumer sequence skips, and [`PartitionConsumer::fetch`]
+//! fails so the caller recreates the consumer from its checkpoint.
 
 use crate::bus::{is_name, Bus};
 use crate::headers;
@@ -9,7 +21,8 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::FutureExt as _;
+use futures::{StreamExt, TryStreamExt};
 use rookery_events::RecordedEvent;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -18,13 +31,24 @@ use tokio::time::Instant;
 /// fetches, so the limit never throttles a healthy worker.
 const MAX_ACK_PENDING: i64 = 20_000;
 
-/// Slack on top of a pull's own expiry before the client gives up on the server's answer.
-const PULL_GRACE: Duration = Duration::from_secs(5);
+/// Messages one pull request asks for: twice a projection's default batch, so a batch being
+/// applied never leaves the subscription empty, and few enough that the buffered bodies stay
+/// well under a megabyte per partition.
+pub const PREFETCH: usize = 1_000;
+/// How long one pull request stays open at the server; the subscription renews it.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// The server confirms an idle pull request this often; two missed heartbeats fail the fetch,
+/// so a dead connection is noticed while a partition is idle.
+const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
 
-/// A durable pull consumer on one partition's subjects.
+/// A durable pull consumer on one partition's subjects, with its open pull subscription.
 pub struct PartitionConsumer {
     consumer: PullConsumer,
+    messages: pull::Stream,
     partition: u32,
+    /// Consumer sequence of the last message handed out (0: none yet). Every delivery of this
+    /// consumer must be the next one.
+    last_delivery: u64,
 }
 
 /// One delivered message. `event` is `Err` with a description when the body does not decode,
@@ -50,13 +74,13 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Bus {
-    /// A durable pull consumer named `durable` on `partition`, delivering from stream sequence
-    /// `start_after_stream_seq + 1` (from the beginning when 0).
+    /// A new durable pull consumer on `partition`, named `durable` plus a fresh suffix, delivering
+    /// from stream sequence `start_after_stream_seq + 1` (from the beginning when 0).
     ///
-    /// The projection's checkpoint in Postgres is the truth, so any existing consumer of that
-    /// name is deleted and recreated at the given start: messages a crashed worker left unacked
-    /// would otherwise be redelivered after `ack_wait`, behind newer ones, out of order. One
-    /// worker per (durable, partition) must hold it at a time.
+    /// The projection's checkpoint in Postgres is the truth, so the consumers this partition had
+    /// before (`durable` itself, or with a suffix) are deleted first: messages a crashed worker
+    /// left unacked would otherwise be redelivered after `ack_wait`, behind newer ones, out of
+    /// order. One worker per (durable, partition) must hold it at a time.
     pub async fn partition_consumer(
         &self,
         durable: &str,
@@ -76,7 +100,11 @@ impl Bus {
                  (no `.`, `*`, `>`, `/`, `\\` or whitespace)"
             );
         }
-        self.delete_consumer(durable).await?;
+        self.delete_consumer_generations(durable).await?;
+        let name = format!(
+            "{durable}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let deliver_policy = match start_after_stream_seq {
             0 => DeliverPolicy::All,
             n => DeliverPolicy::ByStartSequence {
@@ -84,7 +112,7 @@ impl Bus {
             },
         };
         let config = pull::Config {
-            durable_name: Some(durable.to_string()),
+            durable_name: Some(name.clone()),
             description: Some(format!("rookery partition {partition}")),
             filter_subject: self.partition_filter(partition),
             deliver_policy,
@@ -104,14 +132,43 @@ impl Bus {
             .await
             .with_context(|| {
                 format!(
-                    "creating consumer {durable} on stream {} (partition {partition})",
+                    "creating consumer {name} on stream {} (partition {partition})",
                     c.stream
                 )
             })?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(PREFETCH)
+            .expires(PULL_EXPIRES)
+            .heartbeat(IDLE_HEARTBEAT)
+            .messages()
+            .await
+            .with_context(|| format!("opening the pull subscription of consumer {name}"))?;
         Ok(PartitionConsumer {
             consumer,
+            messages,
             partition,
+            last_delivery: 0,
         })
+    }
+
+    /// Deletes `base` and every consumer [`Bus::partition_consumer`] created under it.
+    async fn delete_consumer_generations(&self, base: &str) -> anyhow::Result<()> {
+        let stream = &self.inner.config.stream;
+        let names: Vec<String> = self
+            .inner
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .with_context(|| format!("looking up stream {stream}"))?
+            .consumer_names()
+            .try_collect()
+            .await
+            .with_context(|| format!("listing the consumers of {stream}"))?;
+        for name in names.iter().filter(|n| is_generation_of(base, n)) {
+            self.delete_consumer(name).await?;
+        }
+        Ok(())
     }
 
     /// Deletes a consumer; absent is fine.
@@ -200,22 +257,36 @@ impl PartitionConsumer {
         self.partition
     }
 
-    /// Up to `max` messages: returns as soon as any are available, or empty after `wait`.
+    /// The consumer's name at the server (its base name plus this generation's suffix).
+    pub fn name(&self) -> &str {
+        &self.consumer.cached_info().name
+    }
+
+    /// Up to `max` of the messages that have arrived; when none have, waits up to `wait` for
+    /// the first, then takes what else has arrived with it. Empty after `wait`.
     ///
-    /// A waiting pull request that is abandoned mid-way would leave messages delivered to no
-    /// one (redelivered only after `ack_wait`, behind newer ones), so every pull here runs to
-    /// its end: first one that takes what is there without waiting; when that is empty, one
-    /// that waits for a single message, then again one that takes the rest without waiting.
-    /// For the same reason, a caller that drops a `fetch` before it returns should recreate
-    /// the consumer (from its checkpoint) before fetching again.
+    /// Cancel-safe: the only wait is for the first message, and what is taken is returned.
+    /// Fails when the subscription fails (the server went away, missed heartbeats) or a
+    /// delivery was skipped; the caller then recreates the consumer from its checkpoint.
     pub async fn fetch(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
         let max = max.max(1);
-        let mut out = self.pull(max, None).await?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.messages.next().now_or_never() {
+                Some(next) => out.push(self.delivery(next)?),
+                None => break,
+            }
+        }
         if out.is_empty() && !wait.is_zero() {
-            out = self.pull(1, Some(wait)).await?;
-            if !out.is_empty() && max > 1 {
-                let rest = self.pull(max - 1, None).await?;
-                out.extend(rest);
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Ok(next) => out.push(self.delivery(next)?),
+                Err(_) => return Ok(out),
+            }
+            while out.len() < max {
+                match self.messages.next().now_or_never() {
+                    Some(next) => out.push(self.delivery(next)?),
+                    None => break,
+                }
             }
         }
         Ok(out)
@@ -231,39 +302,39 @@ impl PartitionConsumer {
         Ok(info.num_pending)
     }
 
-    async fn pull(&self, max: usize, wait: Option<Duration>) -> anyhow::Result<Vec<Delivery>> {
-        let batch = match wait {
-            None => self.consumer.fetch().max_messages(max).messages().await,
-            Some(wait) => {
-                self.consumer
-                    .batch()
-                    .max_messages(max)
-                    .expires(wait)
-                    .messages()
-                    .await
-            }
-        };
-        let mut batch = batch.context("requesting messages")?;
-        let deadline = Instant::now() + wait.unwrap_or_default() + PULL_GRACE;
-        let mut out = Vec::new();
-        loop {
-            let next = match tokio::time::timeout_at(deadline, batch.next()).await {
-                Ok(next) => next,
-                Err(_) => bail!(
-                    "the server did not answer a pull request on partition {}",
-                    self.partition
-                ),
-            };
-            let Some(message) = next else { break };
-            let message = message.map_err(anyhow::Error::from_boxed)?;
-            out.push(self.delivery(message)?);
-        }
-        Ok(out)
+    /// Whether every message on the stream for this partition, from the consumer's start, was
+    /// handed out by [`PartitionConsumer::fetch`]: none left at the server, and none delivered
+    /// that is still on its way here. Idle partitions check this before raising their floor.
+    pub async fn drained(&mut self) -> anyhow::Result<bool> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .context("reading consumer info")?;
+        Ok(info.num_pending == 0 && info.delivered.consumer_sequence == self.last_delivery)
     }
 
-    fn delivery(&self, message: jetstream::Message) -> anyhow::Result<Delivery> {
+    fn delivery(
+        &mut self,
+        next: Option<Result<jetstream::Message, pull::MessagesError>>,
+    ) -> anyhow::Result<Delivery> {
+        let partition = self.partition;
+        let message = match next {
+            Some(m) => {
+                m.with_context(|| format!("the pull subscription of partition {partition}"))?
+            }
+            None => bail!("the pull subscription of partition {partition} ended"),
+        };
         let info = message.info().map_err(anyhow::Error::from_boxed)?;
         let (stream_seq, delivered) = (info.stream_sequence, info.delivered);
+        if info.consumer_sequence != self.last_delivery + 1 {
+            bail!(
+                "partition {partition}: delivery {} arrived after {}; a delivery went missing",
+                info.consumer_sequence,
+                self.last_delivery
+            );
+        }
+        self.last_delivery = info.consumer_sequence;
         let event = decode(&message.payload);
         Ok(Delivery {
             stream_seq,
@@ -272,6 +343,17 @@ impl PartitionConsumer {
             event,
             message,
         })
+    }
+}
+
+/// Whether `name` is `base` or a consumer [`Bus::partition_consumer`] created under it.
+pub fn is_generation_of(base: &str, name: &str) -> bool {
+    match name.strip_prefix(base) {
+        Some("") => true,
+        Some(rest) => rest.strip_prefix('-').is_some_and(|suffix| {
+            suffix.len() == 12 && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+        }),
+        None => false,
     }
 }
 
@@ -337,4 +419,37 @@ pub async fn ack_all(client: &async_nats::Client, deliveries: &[Delivery]) -> an
         .with_context(|| format!("acking up to stream sequence {}", last.stream_seq))?;
     client.flush().await.context("flushing the ack")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_generation_of;
+
+    #[test]
+    fn generations_are_the_base_or_the_base_with_a_fresh_suffix() {
+        let base = "rookery_members_p1";
+        assert!(
+            is_generation_of(base, "rookery_members_p1"),
+            "a consumer from before suffixes"
+        );
+        assert!(is_generation_of(base, "rookery_members_p1-0123456789ab"));
+        assert!(
+            !is_generation_of(base, "rookery_members_p10-0123456789ab"),
+            "another partition"
+        );
+        assert!(
+            !is_generation_of(base, "rookery_members_p1-0123456789"),
+            "too short"
+        );
+        assert!(
+            !is_generation_of(base, "rookery_members_p1-0123456789abc"),
+            "too long"
+        );
+        assert!(
+            !is_generation_of(base, "rookery_members_p1-0123456789ag"),
+            "not hex"
+        );
+        assert!(!is_generation_of(base, "rookery_members_p1_x-0123456789ab"));
+        assert!(!is_generation_of(base, "rookery_members"));
+    }
 }

@@ -24,8 +24,9 @@
 //! - [`config`]: [`BusConfig`] and [`RelayConfig`] with their defaults.
 //! - [`bus`]: [`Bus`]: connecting, the stream definition (created or updated at start-up),
 //!   subjects, the pipelined [`Bus::publish_batch`], stream state.
-//! - [`consumer`]: per-partition durable pull consumers, [`Delivery`], [`ack_all`], and the
-//!   [`Bus::fetch_all`] diagnostic reader.
+//! - [`consumer`]: per-partition durable pull consumers (a fresh name per (re)creation, one pull
+//!   subscription kept open), [`Delivery`], [`ack_all`], and the [`Bus::fetch_all`] diagnostic
+//!   reader.
 //! - [`relay`]: [`Relay`]: standby/active via the Postgres advisory lock, a reader reading ahead
 //!   (LISTEN/NOTIFY with a polling fallback), one publish window across batches, the cursor
 //!   saved behind the acks, backoff and retry.

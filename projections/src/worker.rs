@@ -507,11 +507,11 @@ impl PartitionRun {
                 )
                 .await
                 .ok();
-                let pending = match self.consumer.as_mut() {
-                    Some(c) => c.num_pending().await.ok(),
+                let drained = match self.consumer.as_mut() {
+                    Some(c) => c.drained().await.ok(),
                     None => None,
                 };
-                if pending == Some(0) {
+                if drained == Some(true) {
                     if let Some(cursor) = relay_cursor {
                         self.raise_floor(cursor).await;
                     }

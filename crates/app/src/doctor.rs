@@ -4,6 +4,7 @@
 use crate::config::Config;
 use async_nats::jetstream;
 use futures::TryStreamExt;
+use rookery_nats::consumer::is_generation_of;
 use rookery_store::db::redact;
 use sqlx::Connection;
 use std::collections::HashSet;
@@ -271,7 +272,7 @@ async fn nats(config: &Config) -> Vec<Check> {
                 "stream",
                 format!("{} ({messages} messages)", config.stream),
             ));
-            let names: HashSet<String> = stream
+            let names: Vec<String> = stream
                 .consumer_names()
                 .try_collect()
                 .await
@@ -282,7 +283,7 @@ async fn nats(config: &Config) -> Vec<Check> {
                     (0..config.partitions)
                         .map(move |n| format!("{}_{}_p{n}", config.stream, p.name()))
                 })
-                .filter(|n| !names.contains(n))
+                .filter(|base| !names.iter().any(|n| is_generation_of(base, n)))
                 .collect();
             if missing.is_empty() {
                 checks.push(Check::ok("consumers", format!("{} present", names.len())));

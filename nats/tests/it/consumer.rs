@@ -142,8 +142,9 @@ async fn partition_consumer_delivers_in_order_acks_and_restarts_after_a_checkpoi
         .unwrap()
         .is_empty());
 
-    bus.delete_consumer("proj_test").await.unwrap();
-    bus.delete_consumer("proj_test").await.unwrap();
+    let name = consumer.name().to_string();
+    bus.delete_consumer(&name).await.unwrap();
+    bus.delete_consumer(&name).await.unwrap();
     assert!(
         bus.partition_consumer("proj_test", 2, 0).await.is_err(),
         "partition out of range"
@@ -243,5 +244,138 @@ async fn a_batch_is_acked_with_one_message_and_stays_acked() {
             .is_err(),
         "one ack for the whole batch"
     );
-    bus.delete_consumer("one_ack").await.unwrap();
+}
+
+/// The names of the stream's consumers.
+async fn consumer_names(bus: &TestBus) -> Vec<String> {
+    let js = async_nats::jetstream::new(bus.client().clone());
+    let mut names: Vec<String> = js
+        .get_stream(&bus.config().stream)
+        .await
+        .unwrap()
+        .consumer_names()
+        .map(|n| n.unwrap())
+        .collect()
+        .await;
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_recreation_is_a_new_consumer_and_replaces_the_earlier_ones() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| c.partitions = 1).await;
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
+    bus.publish_batch(&read_all(&db.pool, 3).await)
+        .await
+        .unwrap();
+    // A consumer under the bare name, as releases before generations created it, and one of
+    // another projection whose name extends this one's.
+    let js = async_nats::jetstream::new(bus.client().clone());
+    for name in ["gen_p0", "gen_p0_other"] {
+        js.create_consumer_on_stream(
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(name.into()),
+                ..Default::default()
+            },
+            &bus.config().stream,
+        )
+        .await
+        .unwrap();
+    }
+
+    let mut first = bus.partition_consumer("gen_p0", 0, 0).await.unwrap();
+    let first_name = first.name().to_string();
+    assert!(first_name.starts_with("gen_p0-"), "{first_name}");
+    assert_eq!(
+        consumer_names(&bus).await,
+        [first_name.clone(), "gen_p0_other".into()]
+    );
+    assert_eq!(fetch_n(&mut first, 3).await.len(), 3);
+    drop(first);
+
+    let mut second = bus.partition_consumer("gen_p0", 0, 1).await.unwrap();
+    assert_ne!(second.name(), first_name);
+    assert_eq!(
+        consumer_names(&bus).await,
+        [second.name().to_string(), "gen_p0_other".into()]
+    );
+    let again = fetch_n(&mut second, 2).await;
+    assert_eq!(
+        again.iter().map(|d| d.stream_seq).collect::<Vec<_>>(),
+        [2, 3]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_taken_by_another_pull_fails_the_fetch() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| c.partitions = 1).await;
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
+    bus.publish_batch(&read_all(&db.pool, 3).await)
+        .await
+        .unwrap();
+    let mut consumer = bus.partition_consumer("thief", 0, 0).await.unwrap();
+
+    // A pull request from elsewhere (a dropped subscription's late one, say) takes the first
+    // message before this consumer's subscription asks.
+    let other = async_nats::connect(nats_url()).await.unwrap();
+    let inbox = other.new_inbox();
+    let mut taken = other.subscribe(inbox.clone()).await.unwrap();
+    other
+        .publish_with_reply(
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                bus.config().stream,
+                consumer.name()
+            ),
+            inbox,
+            r#"{"batch":1}"#.into(),
+        )
+        .await
+        .unwrap();
+    let stolen = tokio::time::timeout(Duration::from_secs(5), taken.next())
+        .await
+        .expect("the other pull gets a message")
+        .unwrap();
+    assert!(stolen
+        .subject
+        .as_str()
+        .starts_with(bus.config().subject_prefix.as_str()));
+
+    let err = consumer
+        .fetch(10, Duration::from_secs(5))
+        .await
+        .expect_err("the skipped delivery is noticed");
+    assert!(format!("{err:#}").contains("went missing"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_only_once_every_delivery_was_fetched() {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| c.partitions = 1).await;
+    let mut consumer = bus.partition_consumer("drain", 0, 0).await.unwrap();
+    assert!(consumer
+        .fetch(10, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(consumer.drained().await.unwrap(), "nothing on the stream");
+
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 1).await;
+    bus.publish_batch(&read_all(&db.pool, 1).await)
+        .await
+        .unwrap();
+    // Stored, so once nothing is pending the server has delivered it: it waits here, unfetched.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while consumer.num_pending().await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the message was never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !consumer.drained().await.unwrap(),
+        "a delivered message not yet fetched"
+    );
+    assert_eq!(fetch_n(&mut consumer, 1).await.len(), 1);
+    assert!(consumer.drained().await.unwrap());
 }

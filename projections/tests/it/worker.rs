@@ -5,7 +5,7 @@ use crate::support::{
 };
 use futures::future::BoxFuture;
 use rookery_events::{LogPosition, RecordedEvent, Role};
-use rookery_nats::{Relay, RelayConfig};
+use rookery_nats::{Delivery, PartitionConsumer, Relay, RelayConfig};
 use rookery_projections::members::{self, NAME};
 use rookery_projections::{
     run_projection, run_until_idle, status, wait_for_position, MembersProjection, Projection,
@@ -22,6 +22,21 @@ use uuid::Uuid;
 
 fn members_projection() -> Arc<dyn Projection> {
     Arc::new(MembersProjection)
+}
+
+/// Fetches until `expected` deliveries arrived: a fetch returns what has arrived so far.
+async fn fetch_n(consumer: &mut PartitionConsumer, expected: usize) -> Vec<Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    while out.len() < expected {
+        assert!(Instant::now() < deadline, "got {} of {expected}", out.len());
+        let more = consumer
+            .fetch(expected - out.len(), Duration::from_millis(500))
+            .await
+            .expect("fetch");
+        out.extend(more);
+    }
+    out
 }
 
 async fn applied_total(env: &Env) -> i64 {
@@ -53,11 +68,7 @@ async fn redelivered_message_changes_the_read_model_once() {
         .partition_consumer("redelivery_probe", 0, 0)
         .await
         .expect("consumer");
-    let deliveries = consumer
-        .fetch(100, Duration::from_secs(2))
-        .await
-        .expect("fetch");
-    assert_eq!(deliveries.len(), 5);
+    let deliveries = fetch_n(&mut consumer, 5).await;
     let first = worker
         .apply_deliveries(0, &deliveries)
         .await
@@ -76,10 +87,7 @@ async fn redelivered_message_changes_the_read_model_once() {
         .partition_consumer("redelivery_probe", 0, 0)
         .await
         .expect("consumer");
-    let replayed = fresh
-        .fetch(100, Duration::from_secs(2))
-        .await
-        .expect("fetch");
+    let replayed = fetch_n(&mut fresh, 5).await;
     assert_eq!(
         worker
             .apply_deliveries(0, &replayed)
