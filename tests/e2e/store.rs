@@ -9,6 +9,9 @@ use rookery_domain::Community;
 use rookery_events::{CommunityEvent, EventMetadata, JoinMode, Platform};
 use rookery_store::testing::TestDb;
 use rookery_store::{Changes, Claim, EventStore, StoreError};
+use sqlx::Connection as _;
+use std::time::Duration;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 fn created(id: Uuid, name: &str) -> CommunityEvent {
@@ -115,6 +118,70 @@ async fn concurrent_commands_share_one_commit_and_each_learns_its_own_position()
         );
     }
     assert_eq!(txids.len(), 1, "one transaction for the whole group");
+}
+
+/// The group committers keep their connections between commits; one the server cut must not
+/// stay in use. At most the commits that meet a dead connection fail, storing nothing, and the
+/// next ones succeed.
+#[tokio::test]
+async fn commits_recover_after_the_server_cut_the_committers_connections() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    // Both committers take a connection.
+    let warm = join_all((0..8).map(|_| store.commit(creation(Uuid::new_v4(), 0)))).await;
+    assert!(warm.iter().all(Result::is_ok), "{warm:?}");
+
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let cut: i64 = sqlx::query_scalar(terminate)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        cut >= 2,
+        "the committers' connections were open ({cut} cut)"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} backends outlived termination"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // One commit at a time, so each meets one committer's connection.
+    let mut failed = Vec::new();
+    let mut succeeded = 0;
+    for _ in 0..10 {
+        let id = Uuid::new_v4();
+        match store.commit(creation(id, 0)).await {
+            Ok(_) => succeeded += 1,
+            Err(StoreError::Database(_)) => failed.push(id),
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert!(
+        failed.len() <= 2,
+        "{} commits failed after the cut",
+        failed.len()
+    );
+    assert_eq!(succeeded + failed.len(), 10);
+    for id in failed {
+        let loaded = store.load::<Community>(&id.to_string()).await.unwrap();
+        assert_eq!(loaded.version, 0, "a failed commit stored nothing");
+    }
 }
 
 #[tokio::test]

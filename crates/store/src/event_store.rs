@@ -27,9 +27,11 @@ use std::sync::{Arc, OnceLock};
 use cqrs_es::{Aggregate, DomainEvent};
 use futures::TryStreamExt;
 use rookery_events::{EventMetadata, LogPosition};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection as _, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -517,6 +519,7 @@ struct Job {
 /// Takes whatever commits queued up while the previous batch was being written and writes them
 /// as one statement. A lone job pays no extra latency: nothing waits for company.
 async fn group_committer(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    let mut conn = CommitterConn::new(pool);
     loop {
         let mut batch = Vec::new();
         {
@@ -532,17 +535,68 @@ async fn group_committer(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<
                 }
             }
         }
-        commit_group(&pool, batch).await;
+        commit_group(&mut conn, batch).await;
+    }
+}
+
+/// A connection idle at least this long is checked with a round trip before a group uses it.
+const CHECK_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A committer's connection, kept from one group to the next. Taken from the pool per group, it
+/// cost a round trip more every time (sqlx checks a connection at every acquire). It is still
+/// checked after a second or more of idleness, when a broken one is likeliest, and it is closed
+/// after any error that is not the database refusing the statement.
+struct CommitterConn {
+    pool: PgPool,
+    held: Option<PoolConnection<Postgres>>,
+    used: Instant,
+}
+
+impl CommitterConn {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            held: None,
+            used: Instant::now(),
+        }
+    }
+
+    async fn insert(&mut self, rows: &Rows, guards: &Guards) -> Result<Inserted, StoreError> {
+        if self.used.elapsed() >= CHECK_IF_IDLE_FOR {
+            if let Some(conn) = self.held.as_mut() {
+                if conn.ping().await.is_err() {
+                    self.discard();
+                }
+            }
+        }
+        let conn = match self.held.as_mut() {
+            Some(conn) => conn,
+            None => self.held.insert(self.pool.acquire().await?),
+        };
+        let result = insert(&mut **conn, rows, guards).await;
+        self.used = Instant::now();
+        if let Err(StoreError::Database(e)) = &result {
+            if !matches!(e, sqlx::Error::Database(_)) {
+                self.discard();
+            }
+        }
+        result
+    }
+
+    fn discard(&mut self) {
+        if let Some(mut conn) = self.held.take() {
+            conn.close_on_drop();
+        }
     }
 }
 
 #[tracing::instrument(skip_all, fields(commands = batch.len()))]
-async fn commit_group(pool: &PgPool, batch: Vec<Job>) {
+async fn commit_group(conn: &mut CommitterConn, batch: Vec<Job>) {
     if batch.len() == 1 {
         for job in batch {
             let _ = job
                 .reply
-                .send(commit_alone(pool, &job.rows, &job.guards).await);
+                .send(commit_alone(conn, &job.rows, &job.guards).await);
         }
         return;
     }
@@ -558,7 +612,7 @@ async fn commit_group(pool: &PgPool, batch: Vec<Job>) {
         ranges.push(start..all.len());
         replies.push(job.reply);
     }
-    match insert(pool, &all, &guards).await {
+    match conn.insert(&all, &guards).await {
         Ok(inserted) => {
             let mut owner: HashMap<(&str, &str, i64), usize> = HashMap::with_capacity(all.len());
             for (job, range) in ranges.iter().enumerate() {
@@ -592,18 +646,18 @@ async fn commit_group(pool: &PgPool, batch: Vec<Job>) {
             tracing::debug!(error = %err, "group commit failed; committing one by one");
             for ((change, reply), range) in (0i32..).zip(replies).zip(ranges) {
                 let rows = all.slice(range);
-                let _ = reply.send(commit_alone(pool, &rows, &guards.of_change(change)).await);
+                let _ = reply.send(commit_alone(conn, &rows, &guards.of_change(change)).await);
             }
         }
     }
 }
 
 async fn commit_alone(
-    pool: &PgPool,
+    conn: &mut CommitterConn,
     rows: &Rows,
     guards: &Guards,
 ) -> Result<CommitOutcome, StoreError> {
-    let inserted = insert(pool, rows, guards).await?;
+    let inserted = conn.insert(rows, guards).await?;
     match inserted.last_position() {
         None if !rows.is_empty() => Err(guards.stale()),
         position => Ok(CommitOutcome { position }),
