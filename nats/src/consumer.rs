@@ -271,47 +271,48 @@ impl PartitionConsumer {
     pub async fn fetch(&mut self, max: usize, wait: Duration) -> anyhow::Result<Vec<Delivery>> {
         let max = max.max(1);
         let mut out = Vec::new();
+        self.take_arrived(&mut out, max)?;
+        if out.is_empty() && !wait.is_zero() {
+            match tokio::time::timeout(wait, self.messages.next()).await {
+                Ok(next) => out.push(self.delivery(next)?),
+                Err(_) => return Ok(out),
+            }
+            self.take_arrived(&mut out, max)?;
+        }
+        Ok(out)
+    }
+
+    /// Moves messages that have already arrived into `out`, up to `max` in all, without waiting.
+    fn take_arrived(&mut self, out: &mut Vec<Delivery>, max: usize) -> anyhow::Result<()> {
         while out.len() < max {
             match self.messages.next().now_or_never() {
                 Some(next) => out.push(self.delivery(next)?),
                 None => break,
             }
         }
-        if out.is_empty() && !wait.is_zero() {
-            match tokio::time::timeout(wait, self.messages.next()).await {
-                Ok(next) => out.push(self.delivery(next)?),
-                Err(_) => return Ok(out),
-            }
-            while out.len() < max {
-                match self.messages.next().now_or_never() {
-                    Some(next) => out.push(self.delivery(next)?),
-                    None => break,
-                }
-            }
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// Messages matching the filter not yet delivered.
     pub async fn num_pending(&mut self) -> anyhow::Result<u64> {
-        let info = self
-            .consumer
-            .info()
-            .await
-            .context("reading consumer info")?;
-        Ok(info.num_pending)
+        Ok(self.info().await?.num_pending)
     }
 
     /// Whether every message on the stream for this partition, from the consumer's start, was
     /// handed out by [`PartitionConsumer::fetch`]: none left at the server, and none delivered
     /// that is still on its way here. Idle partitions check this before raising their floor.
     pub async fn drained(&mut self) -> anyhow::Result<bool> {
+        let info = self.info().await?;
+        Ok(info.num_pending == 0 && info.delivered.consumer_sequence == self.last_delivery)
+    }
+
+    async fn info(&mut self) -> anyhow::Result<async_nats::jetstream::consumer::Info> {
         let info = self
             .consumer
             .info()
             .await
             .context("reading consumer info")?;
-        Ok(info.num_pending == 0 && info.delivered.consumer_sequence == self.last_delivery)
+        Ok(info.clone())
     }
 
     fn delivery(
@@ -428,28 +429,29 @@ mod tests {
     #[test]
     fn generations_are_the_base_or_the_base_with_a_fresh_suffix() {
         let base = "rookery_members_p1";
-        assert!(
-            is_generation_of(base, "rookery_members_p1"),
-            "a consumer from before suffixes"
-        );
-        assert!(is_generation_of(base, "rookery_members_p1-0123456789ab"));
-        assert!(
-            !is_generation_of(base, "rookery_members_p10-0123456789ab"),
-            "another partition"
-        );
-        assert!(
-            !is_generation_of(base, "rookery_members_p1-0123456789"),
-            "too short"
-        );
-        assert!(
-            !is_generation_of(base, "rookery_members_p1-0123456789abc"),
-            "too long"
-        );
-        assert!(
-            !is_generation_of(base, "rookery_members_p1-0123456789ag"),
-            "not hex"
-        );
-        assert!(!is_generation_of(base, "rookery_members_p1_x-0123456789ab"));
-        assert!(!is_generation_of(base, "rookery_members"));
+        for (name, expected, why) in [
+            (
+                "rookery_members_p1",
+                true,
+                "a consumer from before suffixes",
+            ),
+            ("rookery_members_p1-0123456789ab", true, "a generation"),
+            (
+                "rookery_members_p10-0123456789ab",
+                false,
+                "another partition",
+            ),
+            ("rookery_members_p1-0123456789", false, "suffix too short"),
+            ("rookery_members_p1-0123456789abc", false, "suffix too long"),
+            ("rookery_members_p1-0123456789ag", false, "suffix not hex"),
+            (
+                "rookery_members_p1_x-0123456789ab",
+                false,
+                "another projection",
+            ),
+            ("rookery_members", false, "a prefix of the base"),
+        ] {
+            assert_eq!(is_generation_of(base, name), expected, "{name}: {why}");
+        }
     }
 }

@@ -246,6 +246,17 @@ async fn a_batch_is_acked_with_one_message_and_stays_acked() {
     );
 }
 
+/// A one-partition bus whose stream holds three events of one aggregate.
+async fn one_partition_with_three_events() -> (TestDb, TestBus) {
+    let db = TestDb::create().await.unwrap();
+    let bus = TestBus::with(|c| c.partitions = 1).await;
+    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
+    bus.publish_batch(&read_all(&db.pool, 3).await)
+        .await
+        .unwrap();
+    (db, bus)
+}
+
 /// The names of the stream's consumers.
 async fn consumer_names(bus: &TestBus) -> Vec<String> {
     let js = async_nats::jetstream::new(bus.client().clone());
@@ -263,12 +274,7 @@ async fn consumer_names(bus: &TestBus) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_recreation_is_a_new_consumer_and_replaces_the_earlier_ones() {
-    let db = TestDb::create().await.unwrap();
-    let bus = TestBus::with(|c| c.partitions = 1).await;
-    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
-    bus.publish_batch(&read_all(&db.pool, 3).await)
-        .await
-        .unwrap();
+    let (_db, bus) = one_partition_with_three_events().await;
     // A consumer under the bare name, as releases before generations created it, and one of
     // another projection whose name extends this one's.
     let js = async_nats::jetstream::new(bus.client().clone());
@@ -309,12 +315,7 @@ async fn each_recreation_is_a_new_consumer_and_replaces_the_earlier_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_taken_by_another_pull_fails_the_fetch() {
-    let db = TestDb::create().await.unwrap();
-    let bus = TestBus::with(|c| c.partitions = 1).await;
-    append(&db.pool, &uuid::Uuid::new_v4().to_string(), 1, 3).await;
-    bus.publish_batch(&read_all(&db.pool, 3).await)
-        .await
-        .unwrap();
+    let (_db, bus) = one_partition_with_three_events().await;
     let mut consumer = bus.partition_consumer("thief", 0, 0).await.unwrap();
 
     // A pull request from elsewhere (a dropped subscription's late one, say) takes the first
