@@ -499,8 +499,9 @@ impl PartitionRun {
                 }
             };
             if deliveries.is_empty() {
-                // Read before asking what is pending: if nothing is, every event up to this
-                // cursor is on the stream and was handled.
+                // Read before asking the consumer: if it is drained (nothing left at the server,
+                // nothing delivered that was not fetched), every event up to this cursor is on
+                // the stream and was handled.
                 let relay_cursor = rookery_store::relay::load_cursor(
                     &self.shared.pool,
                     &self.shared.bus.config().stream,
