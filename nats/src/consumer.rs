@@ -295,24 +295,26 @@ impl PartitionConsumer {
 
     /// Messages matching the filter not yet delivered.
     pub async fn num_pending(&mut self) -> anyhow::Result<u64> {
-        Ok(self.info().await?.num_pending)
+        Ok(self.progress().await?.0)
     }
 
     /// Whether every message on the stream for this partition, from the consumer's start, was
     /// handed out by [`PartitionConsumer::fetch`]: none left at the server, and none delivered
     /// that is still on its way here. Idle partitions check this before raising their floor.
     pub async fn drained(&mut self) -> anyhow::Result<bool> {
-        let info = self.info().await?;
-        Ok(info.num_pending == 0 && info.delivered.consumer_sequence == self.last_delivery)
+        let (pending, delivered) = self.progress().await?;
+        Ok(pending == 0 && delivered == self.last_delivery)
     }
 
-    async fn info(&mut self) -> anyhow::Result<async_nats::jetstream::consumer::Info> {
+    /// From the server: messages not yet delivered, and the consumer sequence of the last
+    /// delivery.
+    async fn progress(&mut self) -> anyhow::Result<(u64, u64)> {
         let info = self
             .consumer
             .info()
             .await
             .context("reading consumer info")?;
-        Ok(info.clone())
+        Ok((info.num_pending, info.delivered.consumer_sequence))
     }
 
     fn delivery(
