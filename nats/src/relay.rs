@@ -17,6 +17,7 @@ use anyhow::{anyhow, Context as _};
 use rookery_events::LogPosition;
 use rookery_store::log::read_committed_raw;
 use rookery_store::relay::{load_cursor, save_cursor, RelayLock};
+use rookery_store::KeptConn;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::future::Future;
@@ -466,15 +467,15 @@ struct Reported {
 }
 
 /// Up to `limit` committed events after `after`, as messages.
-async fn read_batch(
-    pool: &PgPool,
+async fn read_batch<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     bus: &Bus,
     after: LogPosition,
     limit: i64,
 ) -> anyhow::Result<Vec<Outgoing>> {
     let config = bus.config();
     // Each message is built from the row as it arrives, borrowing its text.
-    let messages = read_committed_raw(pool, after, limit, |entry| {
+    let messages = read_committed_raw(executor, after, limit, |entry| {
         Outgoing::from_raw(entry, &config.subject_prefix, config.partitions)
             .map_err(|err| (entry.position, err))
     })
@@ -488,6 +489,19 @@ async fn read_batch(
             })
         })
         .collect()
+}
+
+/// [`read_batch`] on the reader's kept connection.
+async fn read_kept(
+    kept: &mut KeptConn,
+    bus: &Bus,
+    after: LogPosition,
+    limit: i64,
+) -> anyhow::Result<Vec<Outgoing>> {
+    let mut conn = kept.take().await.context("reading committed events")?;
+    let read = read_batch(&mut *conn, bus, after, limit).await;
+    kept.give_back(conn, read.as_ref().err().and_then(|e| e.downcast_ref()));
+    read
 }
 
 /// The reader: reads the log from `after` batch by batch into `batches`, waiting for a NOTIFY
@@ -504,6 +518,7 @@ async fn read_ahead(
 ) -> Option<PgListener> {
     let mut listen_retry_at = Instant::now() + LISTEN_RETRY;
     let mut next_read_at = Instant::now();
+    let mut conn = KeptConn::shared(pool.clone());
     loop {
         tokio::select! {
             _ = batches.closed() => return listener,
@@ -512,7 +527,7 @@ async fn read_ahead(
         next_read_at = Instant::now() + config.min_read_interval;
         let read = tokio::select! {
             _ = batches.closed() => return listener,
-            read = read_batch(&pool, &bus, after, config.batch_size) => read,
+            read = read_kept(&mut conn, &bus, after, config.batch_size) => read,
         };
         let batch = match read {
             Ok(batch) => batch,

@@ -22,6 +22,7 @@ use anyhow::{bail, Context as _};
 use rookery_events::{LogPosition, RecordedEvent};
 use rookery_nats::{Bus, Delivery, PartitionConsumer};
 use rookery_store::checkpoints::{self, Advance, BatchTx, LockSession, NewDeadLetter, ParkedBy};
+use rookery_store::KeptConn;
 use sqlx::PgPool;
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -253,7 +254,7 @@ impl ProjectionWorker {
         deliveries: &[Delivery],
     ) -> anyhow::Result<BatchSummary> {
         self.shared.ensure().await?;
-        let run = PartitionRun::new(self.shared.clone(), partition, 0);
+        let mut run = PartitionRun::new(self.shared.clone(), partition, 0);
         match run.process(deliveries).await? {
             BatchOutcome::Committed(done) => Ok(done),
             BatchOutcome::Paused => bail!("projection {} is paused", self.shared.projection.name()),
@@ -402,13 +403,14 @@ struct PartitionRun {
     committed_seq: u64,
     /// When the next batch may start (see [`WorkerConfig::min_batch_interval`]).
     next_batch_at: Instant,
+    /// The batches' connection, kept while batches follow each other.
+    conn: KeptConn,
 }
 
 impl PartitionRun {
     fn new(shared: Arc<Shared>, partition: u32, generation: u64) -> Self {
         let backoff = shared.config.backoff_min;
         Self {
-            shared,
             partition,
             generation,
             consumer: None,
@@ -418,6 +420,8 @@ impl PartitionRun {
             lock_checked: Instant::now(),
             committed_seq: 0,
             next_batch_at: Instant::now(),
+            conn: KeptConn::shared(shared.pool.clone()),
+            shared,
         }
     }
 
@@ -499,6 +503,8 @@ impl PartitionRun {
                 }
             };
             if deliveries.is_empty() {
+                // Idle for a whole fetch wait: the kept connection goes back to the pool.
+                self.conn.release();
                 // Read before asking the consumer: if it is drained (nothing left at the server,
                 // nothing delivered that was not fetched), every event up to this cursor is on
                 // the stream and was handled.
@@ -592,14 +598,19 @@ impl PartitionRun {
 
     /// One batch in one transaction. Returns without writing when the projection is paused.
     #[tracing::instrument(skip_all, fields(projection = self.name(), partition = self.partition, events = deliveries.len()))]
-    async fn process(&self, deliveries: &[Delivery]) -> anyhow::Result<BatchOutcome> {
+    async fn process(&mut self, deliveries: &[Delivery]) -> anyhow::Result<BatchOutcome> {
+        let mut conn = self
+            .conn
+            .take()
+            .await
+            .context("starting the batch transaction")?;
         let shared = &self.shared;
         let name = self.name();
         // Indexes of deliveries found to be poison, with why; bounded by the batch size.
         let mut poison: Vec<(usize, String)> = Vec::new();
         loop {
             // See the module docs for why not waiting for the flush is safe.
-            let (mut tx, cp) = BatchTx::begin(&shared.pool, name, self.partition)
+            let (mut tx, cp) = BatchTx::begin(conn, name, self.partition)
                 .await
                 .context("starting the batch transaction")?;
             let Some((cp, paused)) = cp else {
@@ -609,9 +620,11 @@ impl PartitionRun {
                 );
             };
             if paused || cp.stream_seq < self.committed_seq {
-                tx.rollback()
+                let conn = tx
+                    .rollback()
                     .await
                     .context("ending the batch transaction")?;
+                self.conn.give_back(conn, None);
                 return Ok(if paused {
                     BatchOutcome::Paused
                 } else {
@@ -657,7 +670,7 @@ impl PartitionRun {
                         Some(i) if !poison.iter().any(|(j, _)| *j == i) => {
                             tracing::warn!(projection = name, partition = self.partition, position = %p.position, reason = %p.reason, "poison event; parking it");
                             poison.push((i, p.to_string()));
-                            tx.rollback().await.context("rolling back the batch")?;
+                            conn = tx.rollback().await.context("rolling back the batch")?;
                             continue;
                         }
                         _ => return Err(e),
@@ -678,9 +691,11 @@ impl PartitionRun {
                 stream_seq: last_seq,
                 applied: events.len() as i64,
             });
-            tx.commit(advance)
+            let conn = tx
+                .commit(advance)
                 .await
                 .context("committing the batch and its checkpoint")?;
+            self.conn.give_back(conn, None);
             tracing::Span::current().record("events", events.len());
             return Ok(BatchOutcome::Committed(done));
         }
@@ -825,7 +840,8 @@ impl PartitionRun {
     /// Parks one delivery and moves the checkpoint past it, in one transaction.
     async fn park(&self, d: &Delivery, error: &str, attempts: u32) -> anyhow::Result<()> {
         let name = self.name();
-        let (mut tx, cp) = BatchTx::begin(&self.shared.pool, name, self.partition).await?;
+        let conn = self.shared.pool.acquire().await?;
+        let (mut tx, cp) = BatchTx::begin(conn, name, self.partition).await?;
         let Some((cp, _)) = cp else {
             bail!(
                 "checkpoint row of {name} partition {} is missing",

@@ -1,14 +1,17 @@
 //! The unit of work's optimistic concurrency (DESIGN §3.6): a writer that loaded a stale version
 //! gets a conflict, and nothing it staged — events or claims — is stored; group commit answers
 //! each writer with its own outcome; a guarded change is written only while the aggregate it was
-//! decided on is unchanged; postgres-es reads back what the store writes.
+//! decided on is unchanged; postgres-es reads back what the store writes. A kept connection
+//! (the committers', the relay reader's, a projection partition's) is reused, checked after
+//! idleness, closed after a broken use, and given back to a shared pool that needs it.
 
 use chrono::Utc;
 use futures::future::join_all;
 use rookery_domain::Community;
 use rookery_events::{CommunityEvent, EventMetadata, JoinMode, Platform};
 use rookery_store::testing::TestDb;
-use rookery_store::{Changes, Claim, EventStore, StoreError};
+use rookery_store::{Changes, Claim, EventStore, KeptConn, StoreError};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::Connection as _;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -360,4 +363,113 @@ async fn a_stale_guard_in_a_unit_of_work_rolls_back_its_claims() {
         .await
         .unwrap();
     assert_eq!((claims, stored_positions(&db, id).await.len()), (0, 0));
+}
+
+async fn backend_pid(conn: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+}
+
+#[tokio::test]
+async fn a_kept_connection_serves_the_next_use_until_an_error_breaks_it() {
+    let db = TestDb::create().await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut kept = KeptConn::shared(pool.clone());
+
+    let mut conn = kept.take().await.unwrap();
+    let first = backend_pid(&mut conn).await.unwrap();
+    kept.give_back(conn, None);
+    assert!(kept.is_kept());
+    let mut conn = kept.take().await.unwrap();
+    assert_eq!(backend_pid(&mut conn).await.unwrap(), first);
+
+    // The database refusing a statement leaves the connection fit for the next use.
+    let refused = sqlx::query("SELECT * FROM no_such_table")
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, sqlx::Error::Database(_)), "{refused:?}");
+    kept.give_back(conn, Some(&refused));
+    let mut conn = kept.take().await.unwrap();
+    assert_eq!(backend_pid(&mut conn).await.unwrap(), first);
+
+    // Any other error may have left it mid-protocol: it is closed, never kept.
+    kept.give_back(conn, Some(&sqlx::Error::Protocol("cut off".into())));
+    assert!(!kept.is_kept());
+    let mut conn = kept.take().await.unwrap();
+    assert_ne!(backend_pid(&mut conn).await.unwrap(), first);
+}
+
+#[tokio::test]
+async fn a_kept_connection_idle_for_a_while_is_checked_and_replaced_when_cut() {
+    let db = TestDb::create().await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut kept = KeptConn::dedicated(pool).check_if_idle_for(Duration::ZERO);
+    let mut conn = kept.take().await.unwrap();
+    let cut = backend_pid(&mut conn).await.unwrap();
+    kept.give_back(conn, None);
+
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(cut)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(terminated);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+    )
+    .bind(cut)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "backend {cut} outlived termination"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Checked before the use, the cut connection is replaced instead of failing the use.
+    let mut conn = kept.take().await.unwrap();
+    let replacement = backend_pid(&mut conn).await.unwrap();
+    assert_ne!(replacement, cut);
+}
+
+#[tokio::test]
+async fn a_shared_pool_gets_its_connection_back_when_it_has_none_to_spare() {
+    let db = TestDb::create().await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let mut shared = KeptConn::shared(pool.clone());
+    let conn = shared.take().await.unwrap();
+    shared.give_back(conn, None);
+    assert!(!shared.is_kept(), "kept the pool's only connection");
+    let other = tokio::time::timeout(Duration::from_secs(5), pool.acquire()).await;
+    assert!(
+        matches!(other, Ok(Ok(_))),
+        "the pool had no connection for others"
+    );
+    drop(other);
+
+    // A dedicated pool is the holder's own: its connection is kept.
+    let mut dedicated = KeptConn::dedicated(pool);
+    let conn = dedicated.take().await.unwrap();
+    dedicated.give_back(conn, None);
+    assert!(dedicated.is_kept());
 }

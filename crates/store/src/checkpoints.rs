@@ -221,26 +221,28 @@ impl Advance {
 /// checked to be a plain identifier, so writing them into the text is safe; the read model's
 /// own statements run on [`BatchTx::conn`] with bound parameters as usual.
 ///
-/// Not sqlx's `Transaction`, which would send `BEGIN` and `COMMIT` on their own. A `BatchTx`
-/// dropped before [`commit`](BatchTx::commit) or [`rollback`](BatchTx::rollback) (an error on
-/// the way, a cancelled future) closes its connection instead of returning it to the pool: the
-/// server then rolls back, and no pooled connection is ever left inside a transaction.
+/// Not sqlx's `Transaction`, which would send `BEGIN` and `COMMIT` on their own. It runs on a
+/// connection the caller took (a worker keeps one between batches, see
+/// [`KeptConn`](crate::KeptConn)) and hands it back when it ends. A `BatchTx` dropped before
+/// [`commit`](BatchTx::commit) or [`rollback`](BatchTx::rollback) (an error on the way, a
+/// cancelled future) closes its connection instead: the server then rolls back, and no pooled or
+/// kept connection is ever left inside a transaction.
 ///
 /// Only for writes that may be lost in a crash because their checkpoint is lost with them (the
 /// commit does not wait for the WAL flush; the worker's module docs say why that is safe).
 pub struct BatchTx {
-    conn: PoolConnection<Postgres>,
-    /// Until `commit` or `rollback` ends the transaction.
-    open: bool,
+    /// Taken out only by `commit` or `rollback`, which end the transaction and consume `self`.
+    conn: Option<PoolConnection<Postgres>>,
     projection: String,
     partition: i32,
 }
 
 impl BatchTx {
-    /// Begins the transaction and locks and reads the checkpoint, with whether the projection is
-    /// paused; `None` when the checkpoint row does not exist (call [`ensure`] first).
+    /// Begins the transaction on `conn` and locks and reads the checkpoint, with whether the
+    /// projection is paused; `None` when the checkpoint row does not exist (call [`ensure`]
+    /// first).
     pub async fn begin(
-        pool: &PgPool,
+        conn: PoolConnection<Postgres>,
         projection: &str,
         partition: u32,
     ) -> Result<(Self, Option<(Checkpoint, bool)>), sqlx::Error> {
@@ -256,8 +258,7 @@ impl BatchTx {
         let projection = format!("'{projection}'");
         let partition = partition_i32(partition);
         let mut tx = Self {
-            conn: pool.acquire().await?,
-            open: true,
+            conn: Some(conn),
             projection,
             partition,
         };
@@ -265,40 +266,51 @@ impl BatchTx {
             "BEGIN; SET LOCAL synchronous_commit = off; {}",
             lock_sql(&tx.projection, &partition.to_string())
         );
-        let rows = tx.conn.fetch_all(sql.as_str()).await?;
+        let rows = tx.conn().fetch_all(sql.as_str()).await?;
         let checkpoint = locked_checkpoint(rows.first())?;
         Ok((tx, checkpoint))
     }
 
     /// The transaction's connection, for the read model's statements.
     pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.conn
+        match self.conn.as_mut() {
+            Some(conn) => conn,
+            None => unreachable!("a BatchTx ends only by consuming itself"),
+        }
     }
 
-    /// Moves the checkpoint (when `advance` is given) and commits, in one round trip.
-    pub async fn commit(mut self, advance: Option<Advance>) -> Result<(), sqlx::Error> {
+    /// Moves the checkpoint (when `advance` is given) and commits, in one round trip; hands
+    /// back the connection.
+    pub async fn commit(
+        self,
+        advance: Option<Advance>,
+    ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         let sql = match advance {
             Some(a) => format!("{}; COMMIT", a.sql(&self.projection, self.partition)),
             None => "COMMIT".to_string(),
         };
-        self.conn.execute(sql.as_str()).await?;
-        self.open = false;
-        Ok(())
+        self.end(&sql).await
     }
 
-    /// Rolls back, keeping the connection for the pool.
-    pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        self.conn.execute("ROLLBACK").await?;
-        self.open = false;
-        Ok(())
+    /// Rolls back; hands back the connection.
+    pub async fn rollback(self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(mut self, sql: &str) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        self.conn().execute(sql).await?;
+        match self.conn.take() {
+            Some(conn) => Ok(conn),
+            None => unreachable!("a BatchTx ends only by consuming itself"),
+        }
     }
 }
 
 impl Drop for BatchTx {
     fn drop(&mut self) {
-        if self.open {
-            // Closing the connection makes the server roll back; the pool opens a new one.
-            self.conn.close_on_drop();
+        if let Some(conn) = self.conn.as_mut() {
+            // Still inside the transaction: closing the connection makes the server roll back.
+            conn.close_on_drop();
         }
     }
 }

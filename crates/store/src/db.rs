@@ -1,11 +1,13 @@
-//! Connecting to Postgres and running the embedded migrations.
+//! Connecting to Postgres, running the embedded migrations, and keeping a connection between
+//! uses ([`KeptConn`]).
 
 use anyhow::Context;
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The one migration set (`migrations/` at the workspace root), embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -52,6 +54,99 @@ pub async fn connect(config: &DbConfig) -> anyhow::Result<PgPool> {
         .connect_with(options)
         .await
         .with_context(|| format!("connecting to Postgres at {}", redact(&config.url)))
+}
+
+/// A kept connection idle at least this long is checked with a round trip before its next use.
+const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// One connection kept from one use to the next, for a loop that needs one at a time (a group
+/// committer, the relay's reader, a projection partition).
+///
+/// Taking a connection from the pool for every statement costs two round trips more than the
+/// statement: sqlx checks a connection when it is acquired and again when it is released. On
+/// the pipeline those checks were more than half of all round trips. A kept connection is
+/// checked only after a second or more of idleness, when a broken one is likeliest; one handed
+/// back after an error that is not the database refusing a statement is closed instead.
+///
+/// A use that is cancelled or fails with `?` simply drops the connection it took: the pool's own
+/// release check then recovers or closes it, and the next [`take`](Self::take) acquires another.
+#[derive(Debug)]
+pub struct KeptConn {
+    pool: PgPool,
+    held: Option<PoolConnection<Postgres>>,
+    kept_at: Instant,
+    check_if_idle_for: Duration,
+    /// The pool is shared with others: a connection is not kept while others wait for one.
+    shared: bool,
+}
+
+impl KeptConn {
+    /// For a pool that exists for this holder and its like alone (every holder keeps one).
+    pub fn dedicated(pool: PgPool) -> Self {
+        Self::new(pool, false)
+    }
+
+    /// For a pool others use too: a connection is kept only while the pool has another to spare
+    /// (one idle, or room to open one), so holders never starve the others.
+    pub fn shared(pool: PgPool) -> Self {
+        Self::new(pool, true)
+    }
+
+    fn new(pool: PgPool, shared: bool) -> Self {
+        Self {
+            pool,
+            held: None,
+            kept_at: Instant::now(),
+            check_if_idle_for: CHECK_IF_IDLE_FOR,
+            shared,
+        }
+    }
+
+    /// Checks the kept connection before a use that follows `idle` or more of idleness (one
+    /// second unless set).
+    pub fn check_if_idle_for(mut self, idle: Duration) -> Self {
+        self.check_if_idle_for = idle;
+        self
+    }
+
+    /// The kept connection (checked first if it has been idle a while), or one from the pool.
+    pub async fn take(&mut self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        if let Some(mut conn) = self.held.take() {
+            if self.kept_at.elapsed() < self.check_if_idle_for || conn.ping().await.is_ok() {
+                return Ok(conn);
+            }
+            conn.close_on_drop();
+        }
+        self.pool.acquire().await
+    }
+
+    /// Hands `conn` back after a use that ended with `error` (if any), to be kept for the next.
+    pub fn give_back(&mut self, mut conn: PoolConnection<Postgres>, error: Option<&sqlx::Error>) {
+        if error.is_some_and(|e| !matches!(e, sqlx::Error::Database(_))) {
+            // The connection may be broken or mid-protocol: never reuse it.
+            conn.close_on_drop();
+            return;
+        }
+        if self.shared && self.pool_exhausted() {
+            return;
+        }
+        self.held = Some(conn);
+        self.kept_at = Instant::now();
+    }
+
+    /// Gives the kept connection back to the pool (a holder about to idle).
+    pub fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// Whether a connection is kept.
+    pub fn is_kept(&self) -> bool {
+        self.held.is_some()
+    }
+
+    fn pool_exhausted(&self) -> bool {
+        self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections()
+    }
 }
 
 /// Whether to connect without TLS where nobody asked for a mode: TLS to a loopback address

@@ -24,14 +24,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
+use crate::db::KeptConn;
 use cqrs_es::{Aggregate, DomainEvent};
 use futures::TryStreamExt;
 use rookery_events::{EventMetadata, LogPosition};
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection as _, PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -569,54 +568,24 @@ async fn group_committer(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<
     }
 }
 
-/// A connection idle at least this long is checked with a round trip before a group uses it.
-const CHECK_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// A committer's connection, kept from one group to the next. Taken from the pool per group, it
-/// cost a round trip more every time (sqlx checks a connection at every acquire). It is still
-/// checked after a second or more of idleness, when a broken one is likeliest, and it is closed
-/// after any error that is not the database refusing the statement.
-struct CommitterConn {
-    pool: PgPool,
-    held: Option<PoolConnection<Postgres>>,
-    used: Instant,
-}
+/// A committer's connection, kept from one group to the next (see [`KeptConn`]).
+struct CommitterConn(KeptConn);
 
 impl CommitterConn {
     fn new(pool: PgPool) -> Self {
-        Self {
-            pool,
-            held: None,
-            used: Instant::now(),
-        }
+        // The committers' pool has a connection for each of them and nobody else.
+        Self(KeptConn::dedicated(pool))
     }
 
     async fn insert(&mut self, rows: &Rows, guards: &Guards) -> Result<Inserted, StoreError> {
-        if self.used.elapsed() >= CHECK_IF_IDLE_FOR {
-            if let Some(conn) = self.held.as_mut() {
-                if conn.ping().await.is_err() {
-                    self.discard();
-                }
-            }
-        }
-        let conn = match self.held.as_mut() {
-            Some(conn) => conn,
-            None => self.held.insert(self.pool.acquire().await?),
+        let mut conn = self.0.take().await?;
+        let result = insert(&mut *conn, rows, guards).await;
+        let error = match &result {
+            Err(StoreError::Database(e)) => Some(e),
+            _ => None,
         };
-        let result = insert(&mut **conn, rows, guards).await;
-        self.used = Instant::now();
-        if let Err(StoreError::Database(e)) = &result {
-            if !matches!(e, sqlx::Error::Database(_)) {
-                self.discard();
-            }
-        }
+        self.0.give_back(conn, error);
         result
-    }
-
-    fn discard(&mut self) {
-        if let Some(mut conn) = self.held.take() {
-            conn.close_on_drop();
-        }
     }
 }
 

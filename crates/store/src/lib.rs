@@ -7,7 +7,8 @@
 //! it writes stays readable by postgres-es (a test proves it).
 //!
 //! # Layout
-//! - [`db`]: connecting (creating the database when missing) and the embedded migrations.
+//! - [`db`]: connecting (creating the database when missing), the embedded migrations, and
+//!   [`KeptConn`] (one connection kept between uses, without the pool's two checks per use).
 //! - [`event_store`]: loading aggregates, group commit, the unit of work (append + claims).
 //! - [`log`]: the global log in commit-safe order, for the relay, rebuilds and replays.
 //! - [`relay`]: the relay's cursor and its single-active advisory lock.
@@ -23,7 +24,7 @@ pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use db::{connect, migrate, DbConfig, MIGRATOR};
+pub use db::{connect, migrate, DbConfig, KeptConn, MIGRATOR};
 pub use event_store::{Changes, Claim, CommitOutcome, EventStore, Loaded, StoreError, UnitOfWork};
 pub use log::LogEntry;
 pub use sqlx::PgPool;

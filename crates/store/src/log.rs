@@ -97,8 +97,8 @@ macro_rules! raw_columns {
 
 /// [`read_committed`] with each row handed to `map` as a [`RawLogEntry`]: the same events, the
 /// same order and the same commit-safety.
-pub async fn read_committed_raw<T, F>(
-    pool: &PgPool,
+pub async fn read_committed_raw<'c, T, F>(
+    executor: impl sqlx::PgExecutor<'c>,
     after: LogPosition,
     limit: i64,
     mut map: F,
@@ -121,7 +121,7 @@ where
         .bind(after.gpos)
         .bind(limit)
         .try_map(move |row: PgRow| Ok(map(decode_raw(&row)?)))
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await
 }
 

@@ -27,6 +27,15 @@ async fn one_connection(db: &TestDb) -> PgPool {
     pool
 }
 
+/// A batch on a connection from `pool`.
+async fn begin(
+    pool: &PgPool,
+    name: &str,
+    partition: u32,
+) -> Result<(BatchTx, Option<(checkpoints::Checkpoint, bool)>), sqlx::Error> {
+    BatchTx::begin(pool.acquire().await?, name, partition).await
+}
+
 async fn insert_user(conn: &mut sqlx::PgConnection, id: Uuid) {
     sqlx::query("INSERT INTO member_users (user_id, username) VALUES ($1, 'ada')")
         .bind(id)
@@ -47,7 +56,7 @@ async fn user_exists(pool: &PgPool, id: Uuid) -> bool {
 async fn commit_applies_the_writes_and_the_checkpoint_together() {
     let db = TestDb::create().await.expect("test database");
     let pool = one_connection(&db).await;
-    let (mut tx, cp) = BatchTx::begin(&pool, NAME, 0).await.expect("begin");
+    let (mut tx, cp) = begin(&pool, NAME, 0).await.expect("begin");
     let (cp, paused) = cp.expect("the checkpoint row");
     assert_eq!((cp.stream_seq, paused), (0, false));
     let user = Uuid::new_v4();
@@ -55,23 +64,27 @@ async fn commit_applies_the_writes_and_the_checkpoint_together() {
     // Nobody else sees the row before the commit.
     assert!(!user_exists(&db.pool, user).await);
     let position = LogPosition::from_db(5, 7);
-    tx.commit(Some(Advance {
-        position,
-        stream_seq: 3,
-        applied: 1,
-    }))
-    .await
-    .expect("commit");
+    let mut conn = tx
+        .commit(Some(Advance {
+            position,
+            stream_seq: 3,
+            applied: 1,
+        }))
+        .await
+        .expect("commit");
 
     assert!(user_exists(&db.pool, user).await);
     let cp = checkpoints::load(&db.pool, NAME, 0).await.expect("load");
     assert_eq!((cp.position, cp.stream_seq, cp.applied), (position, 3, 1));
-    // The connection went back to the pool outside any transaction.
+    // The connection it hands back, for the next batch, is outside any transaction.
     let fresh: bool = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NULL")
-        .fetch_one(&pool)
+        .fetch_one(&mut *conn)
         .await
         .expect("select");
-    assert!(fresh, "the pooled connection is still inside a transaction");
+    assert!(
+        fresh,
+        "the handed-back connection is still inside a transaction"
+    );
 }
 
 #[tokio::test]
@@ -80,7 +93,7 @@ async fn a_batch_dropped_midway_leaves_nothing_and_no_open_transaction() {
     let pool = one_connection(&db).await;
     let user = Uuid::new_v4();
     {
-        let (mut tx, _) = BatchTx::begin(&pool, NAME, 0).await.expect("begin");
+        let (mut tx, _) = begin(&pool, NAME, 0).await.expect("begin");
         insert_user(tx.conn(), user).await;
         // Dropped here, as on an error or a cancelled batch.
     }
@@ -93,7 +106,7 @@ async fn a_batch_dropped_midway_leaves_nothing_and_no_open_transaction() {
     assert!(fresh, "a pooled connection was left inside a transaction");
     assert!(!user_exists(&db.pool, user).await);
     // The checkpoint's row lock went with it: the next batch starts.
-    let (tx, cp) = tokio::time::timeout(Duration::from_secs(10), BatchTx::begin(&pool, NAME, 0))
+    let (tx, cp) = tokio::time::timeout(Duration::from_secs(10), begin(&pool, NAME, 0))
         .await
         .expect("the checkpoint row is still locked")
         .expect("begin");
@@ -109,14 +122,14 @@ async fn rollback_discards_the_writes_and_reports_a_paused_projection() {
         .await
         .expect("pause"));
     let user = Uuid::new_v4();
-    let (mut tx, cp) = BatchTx::begin(&pool, NAME, 0).await.expect("begin");
+    let (mut tx, cp) = begin(&pool, NAME, 0).await.expect("begin");
     assert_eq!(cp.map(|(_, paused)| paused), Some(true));
     insert_user(tx.conn(), user).await;
     tx.rollback().await.expect("rollback");
     assert!(!user_exists(&pool, user).await);
 
     // A partition without a checkpoint row reads as `None`.
-    let (tx, cp) = BatchTx::begin(&pool, NAME, 7).await.expect("begin");
+    let (tx, cp) = begin(&pool, NAME, 7).await.expect("begin");
     assert!(cp.is_none());
     tx.rollback().await.expect("rollback");
 }
@@ -126,7 +139,7 @@ async fn a_projection_name_that_is_not_an_identifier_is_refused() {
     let db = TestDb::create().await.expect("test database");
     let pool = one_connection(&db).await;
     for name in ["", "members'; DROP TABLE events; --", "a b"] {
-        match BatchTx::begin(&pool, name, 0).await {
+        match begin(&pool, name, 0).await {
             Err(sqlx::Error::InvalidArgument(_)) => {}
             Err(e) => panic!("{name:?}: unexpected error {e}"),
             Ok(_) => panic!("{name:?} was accepted"),
