@@ -6,8 +6,10 @@
 //! loop: fetch → one transaction that locks and re-reads the checkpoint, applies the deliveries
 //! it does not cover, parks poison, moves the checkpoint → commit → ack. Acks come after the
 //! commit, so a crash anywhere means a redelivery, which the checkpoint turns into a no-op. The
-//! transaction's own statements ride with its `BEGIN` and `COMMIT` ([`BatchTx`]), so a batch
-//! costs the read model's round trips plus two.
+//! transaction's own statements ride with its `BEGIN` and `COMMIT` ([`BatchTx`]), on a
+//! connection the partition keeps while batches follow each other ([`KeptConn`], without the
+//! pool's check at every acquire and release), so a batch costs the read model's round trips
+//! plus two.
 //!
 //! Batches commit with `synchronous_commit = off`: the read model is derived data, so instead of
 //! waiting for every batch's WAL flush the worker notices when Postgres lost a commit in a crash

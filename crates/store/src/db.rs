@@ -4,7 +4,7 @@
 use anyhow::Context;
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgSeverity, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -66,7 +66,8 @@ const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// statement: sqlx checks a connection when it is acquired and again when it is released. On
 /// the pipeline those checks were more than half of all round trips. A kept connection is
 /// checked only after a second or more of idleness, when a broken one is likeliest; one handed
-/// back after an error that is not the database refusing a statement is closed instead.
+/// back after an error that is not the database refusing a statement (or that ends the session)
+/// is closed instead.
 ///
 /// A use that is cancelled or fails with `?` simply drops the connection it took: the pool's own
 /// release check then recovers or closes it, and the next [`take`](Self::take) acquires another.
@@ -122,7 +123,7 @@ impl KeptConn {
 
     /// Hands `conn` back after a use that ended with `error` (if any), to be kept for the next.
     pub fn give_back(&mut self, mut conn: PoolConnection<Postgres>, error: Option<&sqlx::Error>) {
-        if error.is_some_and(|e| !matches!(e, sqlx::Error::Database(_))) {
+        if error.is_some_and(ends_the_session) {
             // The connection may be broken or mid-protocol: never reuse it.
             conn.close_on_drop();
             return;
@@ -146,6 +147,18 @@ impl KeptConn {
 
     fn pool_exhausted(&self) -> bool {
         self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections()
+    }
+}
+
+/// Whether `error` may have left its connection unusable: anything but the database refusing a
+/// statement, and a refusal that ends the session (a `FATAL` such as the server terminating the
+/// backend, which the client reads at its next statement).
+fn ends_the_session(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => e
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_some_and(|e| matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+        _ => true,
     }
 }
 
