@@ -130,7 +130,7 @@ async fn concurrent_commands_share_one_commit_and_each_learns_its_own_position()
 async fn commits_recover_after_the_server_cut_the_committers_connections() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    // Both committers take a connection.
+    // The committer takes its connection.
     let warm = join_all((0..8).map(|_| store.commit(creation(Uuid::new_v4(), 0)))).await;
     assert!(warm.iter().all(Result::is_ok), "{warm:?}");
 
@@ -141,10 +141,7 @@ async fn commits_recover_after_the_server_cut_the_committers_connections() {
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert!(
-        cut >= 2,
-        "the committers' connections were open ({cut} cut)"
-    );
+    assert!(cut >= 1, "the committer's connection was open ({cut} cut)");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left: i64 = sqlx::query_scalar(
@@ -164,7 +161,7 @@ async fn commits_recover_after_the_server_cut_the_committers_connections() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // One commit at a time, so each meets one committer's connection.
+    // One commit at a time, so the first meets the committer's cut connection.
     let mut failed = Vec::new();
     let mut succeeded = 0;
     for _ in 0..10 {
@@ -176,7 +173,7 @@ async fn commits_recover_after_the_server_cut_the_committers_connections() {
         }
     }
     assert!(
-        failed.len() <= 2,
+        failed.len() <= 1,
         "{} commits failed after the cut",
         failed.len()
     );

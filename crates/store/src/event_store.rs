@@ -86,8 +86,11 @@ pub struct CommitOutcome {
 
 /// Concurrent claim-free commits that share one transaction, at most.
 const MAX_GROUP: usize = 256;
-/// Group committers running at once: while one waits for its flush the next batch forms.
-const COMMITTERS: usize = 2;
+/// Group committers running at once. One: while its commit is in flight the next group forms,
+/// so groups grow with the load by themselves. Two committers split the same load into twice
+/// as many smaller groups, each a statement and a WAL flush of its own; on two cores that cost
+/// a third of the commands/s at concurrency 8 and 32 (BENCHMARKS.md).
+const COMMITTERS: usize = 1;
 
 #[derive(Clone)]
 pub struct EventStore {
@@ -211,7 +214,7 @@ impl EventStore {
 
     fn committer(&self) -> &mpsc::UnboundedSender<Job> {
         self.committer.get_or_init(|| {
-            // The committers' own connections, which plan their one statement once: left to
+            // The committers' own connection, which plans their one statement once: left to
             // choose, Postgres re-planned it for every group (the actual array lengths make each
             // custom plan look cheaper than the generic one), 0.19 ms of its CPU per commit.
             let options = (*self.pool.connect_options())
