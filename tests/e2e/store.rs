@@ -362,6 +362,16 @@ async fn a_stale_guard_in_a_unit_of_work_rolls_back_its_claims() {
     assert_eq!((claims, stored_positions(&db, id).await.len()), (0, 0));
 }
 
+/// A pool of at most `max` connections on the test database.
+async fn pool_of(db: &TestDb, max: u32) -> sqlx::PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&db.url)
+        .await
+        .unwrap()
+}
+
 async fn backend_pid(conn: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(conn)
@@ -371,11 +381,7 @@ async fn backend_pid(conn: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> 
 #[tokio::test]
 async fn a_kept_connection_serves_the_next_use_until_an_error_breaks_it() {
     let db = TestDb::create().await.unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url)
-        .await
-        .unwrap();
+    let pool = pool_of(&db, 4).await;
     let mut kept = KeptConn::shared(pool.clone());
 
     let mut conn = kept.take().await.unwrap();
@@ -405,11 +411,7 @@ async fn a_kept_connection_serves_the_next_use_until_an_error_breaks_it() {
 #[tokio::test]
 async fn a_kept_connection_idle_for_a_while_is_checked_and_replaced_when_cut() {
     let db = TestDb::create().await.unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url)
-        .await
-        .unwrap();
+    let pool = pool_of(&db, 4).await;
     let mut kept = KeptConn::dedicated(pool).check_if_idle_for(Duration::ZERO);
     let mut conn = kept.take().await.unwrap();
     let cut = backend_pid(&mut conn).await.unwrap();
@@ -447,12 +449,7 @@ async fn a_kept_connection_idle_for_a_while_is_checked_and_replaced_when_cut() {
 #[tokio::test]
 async fn a_shared_pool_gets_its_connection_back_when_it_has_none_to_spare() {
     let db = TestDb::create().await.unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&db.url)
-        .await
-        .unwrap();
+    let pool = pool_of(&db, 1).await;
     let mut shared = KeptConn::shared(pool.clone());
     let conn = shared.take().await.unwrap();
     shared.give_back(conn, None);
