@@ -37,6 +37,8 @@ const MAX_ACK_PENDING: i64 = 20_000;
 pub const PREFETCH: usize = 1_000;
 /// How long one pull request stays open at the server; the subscription renews it.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Hex digits of the suffix that makes each (re)created consumer's name new.
+const GENERATION_SUFFIX_LEN: usize = 12;
 /// The server confirms an idle pull request this often; two missed heartbeats fail the fetch,
 /// so a dead connection is noticed while a partition is idle.
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(10);
@@ -103,7 +105,7 @@ impl Bus {
         self.delete_consumer_generations(durable).await?;
         let name = format!(
             "{durable}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
+            &uuid::Uuid::new_v4().simple().to_string()[..GENERATION_SUFFIX_LEN]
         );
         let deliver_policy = match start_after_stream_seq {
             0 => DeliverPolicy::All,
@@ -354,7 +356,7 @@ pub fn is_generation_of(base: &str, name: &str) -> bool {
     match name.strip_prefix(base) {
         Some("") => true,
         Some(rest) => rest.strip_prefix('-').is_some_and(|suffix| {
-            suffix.len() == 12 && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+            suffix.len() == GENERATION_SUFFIX_LEN && suffix.bytes().all(|b| b.is_ascii_hexdigit())
         }),
         None => false,
     }

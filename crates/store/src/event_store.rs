@@ -30,7 +30,7 @@ use futures::TryStreamExt;
 use rookery_events::{EventMetadata, LogPosition};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -86,11 +86,6 @@ pub struct CommitOutcome {
 
 /// Concurrent claim-free commits that share one transaction, at most.
 const MAX_GROUP: usize = 256;
-/// Group committers running at once. One: while its commit is in flight the next group forms,
-/// so groups grow with the load by themselves. Two split the same load into twice as many
-/// smaller groups, each a statement and a WAL flush of its own: at concurrency 8 on two cores
-/// they reached 0.45–0.51 of the raw commit rate against 0.63–0.69 for one (BENCHMARKS.md).
-const COMMITTERS: usize = 1;
 
 #[derive(Clone)]
 pub struct EventStore {
@@ -221,14 +216,11 @@ impl EventStore {
                 .clone()
                 .options([("plan_cache_mode", "force_generic_plan")]);
             let pool = PgPoolOptions::new()
-                .max_connections(COMMITTERS as u32)
+                .max_connections(1)
                 .acquire_timeout(self.pool.options().get_acquire_timeout())
                 .connect_lazy_with(options);
             let (sender, receiver) = mpsc::unbounded_channel();
-            let receiver = Arc::new(Mutex::new(receiver));
-            for _ in 0..COMMITTERS {
-                tokio::spawn(group_committer(pool.clone(), receiver.clone()));
-            }
+            tokio::spawn(group_committer(pool, receiver));
             sender
         })
     }
@@ -548,35 +540,32 @@ struct Job {
     reply: oneshot::Sender<Result<CommitOutcome, StoreError>>,
 }
 
-/// Takes whatever commits queued up while the previous batch was being written and writes them
-/// as one statement. A lone job pays no extra latency: nothing waits for company.
-async fn group_committer(pool: PgPool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+/// The one committer: takes whatever commits queued up while the previous batch was being
+/// written and writes them as one statement. A lone job pays no extra latency: nothing waits for
+/// company. One committer, not several: while its commit is in flight the next group forms, so
+/// groups grow with the load by themselves. Two split the same load into twice as many smaller
+/// groups, each a statement and a WAL flush of its own: at concurrency 8 on two cores they
+/// reached 0.45–0.51 of the raw commit rate against 0.63–0.69 for one (BENCHMARKS.md).
+async fn group_committer(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Job>) {
     let mut conn = CommitterConn::new(pool);
-    loop {
-        let mut batch = Vec::new();
-        {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            batch.push(first);
-            while batch.len() < MAX_GROUP {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
         }
         commit_group(&mut conn, batch).await;
     }
 }
 
-/// A committer's connection, kept from one group to the next (see [`KeptConn`]).
+/// The committer's connection, kept from one group to the next (see [`KeptConn`]).
 struct CommitterConn(KeptConn);
 
 impl CommitterConn {
     fn new(pool: PgPool) -> Self {
-        // The committers' pool has a connection for each of them and nobody else.
+        // The committer's pool is its one connection and nobody else's.
         Self(KeptConn::dedicated(pool))
     }
 
