@@ -9,7 +9,7 @@ CREATE TABLE events
     event_version   text                         NOT NULL,
     payload         jsonb                        NOT NULL,
     metadata        jsonb                        NOT NULL,
-    -- Rookery: the log key is (transaction_id, global_position); see DESIGN.md §4.
+    -- Rookery: the log key is (transaction_id, global_position); see docs/architecture.md.
     global_position bigint GENERATED ALWAYS AS IDENTITY,
     transaction_id  xid8                         NOT NULL DEFAULT pg_current_xact_id(),
     recorded_at     timestamptz                  NOT NULL DEFAULT now(),

@@ -1,5 +1,6 @@
--- Poison events a projection could not apply (DESIGN.md §3.7): parked here in the same
--- transaction that moves the checkpoint past them, so they are visible, never silently skipped.
+-- Poison events a projection could not apply (docs/architecture.md, guarantee 7): parked here
+-- in the same transaction that moves the checkpoint past them, so they are visible, never
+-- silently skipped.
 -- `stream_seq` is null when a rebuild parked the event; the log key is null when the bus message
 -- itself could not be decoded.
 CREATE TABLE projection_dead_letters

@@ -6,7 +6,7 @@
 //! puts it in the subject, `<prefix>.<partition>.<aggregate_type>.<event_type>`, so a consumer
 //! per partition needs only one filter and sees each aggregate's events in order.
 //!
-//! Guarantees this crate provides (DESIGN.md §3):
+//! Guarantees this crate provides (docs/architecture.md):
 //! - **No lost events**: the relay reads the log in commit-safe order and stores its cursor only
 //!   after JetStream acknowledged everything up to it (a cursor left behind only means
 //!   re-publishing, which the stream de-duplicates).

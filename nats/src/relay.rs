@@ -21,14 +21,12 @@ use rookery_store::KeptConn;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 /// The channel the `events` insert trigger notifies at commit.
 pub const NOTIFY_CHANNEL: &str = "rookery_events";
@@ -47,8 +45,9 @@ const READ_AHEAD: usize = 2;
 /// storing it only means re-publishing duplicates later, so this never holds a shutdown long.
 const FINAL_SAVE_LIMIT: Duration = Duration::from_secs(2);
 
-/// Live figures for status and metrics.
-#[derive(Debug, Default)]
+/// Live figures for status, tests and the bench; every change is also recorded through the
+/// `metrics` facade (labelled with the stream), which `/metrics` renders.
+#[derive(Debug)]
 pub struct RelayStats {
     /// Events newly stored on the stream (duplicates of earlier attempts not counted).
     pub published_total: AtomicU64,
@@ -65,9 +64,54 @@ pub struct RelayStats {
     pub failed_batches: AtomicU64,
     /// Cursor saves that reached Postgres.
     pub cursor_saves_total: AtomicU64,
+    exported: Exported,
+}
+
+/// The same figures as `metrics` handles, registered once (the hot path only adds to them).
+#[derive(Debug)]
+struct Exported {
+    published: metrics::Counter,
+    relayed: metrics::Counter,
+    failed: metrics::Counter,
+    saves: metrics::Counter,
+    cursor_txid: metrics::Gauge,
+    cursor_gpos: metrics::Gauge,
+    active: metrics::Gauge,
+    last_batch: metrics::Gauge,
+}
+
+impl Exported {
+    fn new(stream: &str) -> Self {
+        let label = || [("stream", stream.to_string())];
+        Self {
+            published: metrics::counter!("rookery_relay_events_published_total", &label()),
+            relayed: metrics::counter!("rookery_relay_events_confirmed_total", &label()),
+            failed: metrics::counter!("rookery_relay_failed_batches_total", &label()),
+            saves: metrics::counter!("rookery_relay_cursor_saves_total", &label()),
+            cursor_txid: metrics::gauge!("rookery_relay_cursor_txid", &label()),
+            cursor_gpos: metrics::gauge!("rookery_relay_cursor_gpos", &label()),
+            active: metrics::gauge!("rookery_relay_active", &label()),
+            last_batch: metrics::gauge!("rookery_relay_last_batch_timestamp_seconds", &label()),
+        }
+    }
 }
 
 impl RelayStats {
+    /// Figures of the relay of `stream`.
+    pub fn new(stream: &str) -> Self {
+        Self {
+            published_total: AtomicU64::new(0),
+            relayed_total: AtomicU64::new(0),
+            cursor_txid: AtomicU64::new(0),
+            cursor_gpos: AtomicI64::new(0),
+            active: AtomicBool::new(false),
+            last_batch_unix_ms: AtomicI64::new(0),
+            failed_batches: AtomicU64::new(0),
+            cursor_saves_total: AtomicU64::new(0),
+            exported: Exported::new(stream),
+        }
+    }
+
     /// The stored cursor as this relay last saw it.
     pub fn cursor(&self) -> LogPosition {
         LogPosition::new(
@@ -79,6 +123,39 @@ impl RelayStats {
     fn set_cursor(&self, p: LogPosition) {
         self.cursor_txid.store(p.txid, Ordering::Relaxed);
         self.cursor_gpos.store(p.gpos, Ordering::Relaxed);
+        self.exported.cursor_txid.set(p.txid as f64);
+        self.exported.cursor_gpos.set(p.gpos as f64);
+    }
+
+    /// `relayed` more events confirmed on the stream, `published` of them new to it.
+    fn confirmed(&self, relayed: u64, published: u64) {
+        self.relayed_total.fetch_add(relayed, Ordering::Relaxed);
+        self.published_total.fetch_add(published, Ordering::Relaxed);
+        self.exported.relayed.increment(relayed);
+        self.exported.published.increment(published);
+    }
+
+    fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
+        self.exported.active.set(if active { 1.0 } else { 0.0 });
+    }
+
+    /// A batch was confirmed, or the log read empty.
+    fn batch_done(&self) {
+        let now = now_ms();
+        self.last_batch_unix_ms.store(now, Ordering::Relaxed);
+        self.exported.last_batch.set(now as f64 / 1000.0);
+    }
+
+    fn failed(&self) {
+        self.failed_batches.fetch_add(1, Ordering::Relaxed);
+        self.exported.failed.increment(1);
+    }
+
+    fn cursor_saved(&self, position: LogPosition) {
+        self.set_cursor(position);
+        self.cursor_saves_total.fetch_add(1, Ordering::Relaxed);
+        self.exported.saves.increment(1);
     }
 }
 
@@ -95,7 +172,7 @@ pub struct Relay {
 
 struct ReadAhead {
     after: LogPosition,
-    batch: AbortOnDrop<anyhow::Result<Vec<Outgoing>>>,
+    batch: AbortOnDropHandle<anyhow::Result<Vec<Outgoing>>>,
 }
 
 enum Leadership {
@@ -119,11 +196,12 @@ struct Pumped {
 
 impl Relay {
     pub fn new(pool: PgPool, bus: Bus, config: RelayConfig) -> Self {
+        let stats = Arc::new(RelayStats::new(&bus.config().stream));
         Self {
             pool,
             bus,
             config,
-            stats: Arc::new(RelayStats::default()),
+            stats,
             ahead: Mutex::new(None),
         }
     }
@@ -144,7 +222,7 @@ impl Relay {
                 lock = self.acquire(&stream) => lock,
             };
             tracing::info!(stream = %stream, "relay active");
-            self.stats.active.store(true, Ordering::SeqCst);
+            self.stats.set_active(true);
             let saver = CursorSaver::spawn(
                 self.pool.clone(),
                 stream.clone(),
@@ -156,7 +234,7 @@ impl Relay {
                 end = self.lead(&mut lock, &saver) => end,
             };
             // Cleared before the lock goes, so two relays never both report active.
-            self.stats.active.store(false, Ordering::SeqCst);
+            self.stats.set_active(false);
             // Still under the lock, so a successor starts from the latest cursor.
             saver.finish(FINAL_SAVE_LIMIT).await;
             lock.release(&stream).await;
@@ -214,23 +292,17 @@ impl Relay {
                 .context("saving the relay cursor")?;
             self.stats.set_cursor(last);
             self.stats
-                .published_total
-                .fetch_add(chain.stored(), Ordering::Relaxed);
-            self.stats
-                .relayed_total
-                .fetch_add(chain.confirmed_count(), Ordering::Relaxed);
+                .confirmed(chain.confirmed_count(), chain.stored());
         }
         published?;
-        self.stats
-            .last_batch_unix_ms
-            .store(now_ms(), Ordering::Relaxed);
+        self.stats.batch_done();
         Ok(chain.confirmed_count())
     }
 
     /// Starts reading the batch after `after` for the next [`Relay::relay_once`].
     fn read_ahead(&self, after: LogPosition) {
         let (pool, bus, limit) = (self.pool.clone(), self.bus.clone(), self.config.batch_size);
-        let batch = AbortOnDrop(tokio::spawn(async move {
+        let batch = AbortOnDropHandle::new(tokio::spawn(async move {
             read_batch(&pool, &bus, after, limit).await
         }));
         if let Ok(mut ahead) = self.ahead.lock() {
@@ -300,7 +372,7 @@ impl Relay {
                 // Part of the log went out and is being saved: carry on after it at once. Each
                 // such retry makes progress, so this cannot spin.
                 (Stop::Failed(err), Some(confirmed)) if confirmed > start => {
-                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats.failed();
                     tracing::warn!(
                         stream = %stream,
                         confirmed = %confirmed,
@@ -321,7 +393,7 @@ impl Relay {
     }
 
     async fn back_off(&self, err: &anyhow::Error, backoff: &mut Duration) {
-        self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.failed();
         tracing::error!(
             stream = %self.bus.config().stream,
             error = format!("{err:#}"),
@@ -344,7 +416,7 @@ impl Relay {
         lock_check_due: &mut Instant,
     ) -> Pumped {
         let (tx, mut rx) = mpsc::channel(READ_AHEAD);
-        let reader = AbortOnDrop(tokio::spawn(read_ahead(
+        let reader = AbortOnDropHandle::new(tokio::spawn(read_ahead(
             self.pool.clone(),
             self.bus.clone(),
             self.config.clone(),
@@ -408,11 +480,7 @@ impl Relay {
         let confirmed = chain.confirmed_count();
         let stored = chain.stored();
         self.stats
-            .relayed_total
-            .fetch_add(confirmed - reported.confirmed, Ordering::Relaxed);
-        self.stats
-            .published_total
-            .fetch_add(stored - reported.stored, Ordering::Relaxed);
+            .confirmed(confirmed - reported.confirmed, stored - reported.stored);
         reported.confirmed = confirmed;
         reported.stored = stored;
         if let Some((checkpoint, stored_then)) = chain.checkpoint() {
@@ -420,9 +488,7 @@ impl Relay {
                 saver.save(checkpoint, stored_then - reported.stored_saved);
                 reported.saved = Some(checkpoint);
                 reported.stored_saved = stored_then;
-                self.stats
-                    .last_batch_unix_ms
-                    .store(now_ms(), Ordering::Relaxed);
+                self.stats.batch_done();
             }
         }
     }
@@ -544,7 +610,7 @@ async fn read_ahead(
                     return listener;
                 }
             }
-            None => stats.last_batch_unix_ms.store(now_ms(), Ordering::Relaxed),
+            None => stats.batch_done(),
         }
         if full {
             next_read_at = Instant::now();
@@ -588,7 +654,7 @@ async fn wait_for_events(listener: &mut Option<PgListener>, poll_interval: Durat
 /// most 50 a second), not one per read.
 struct CursorSaver {
     latest: watch::Sender<Pending>,
-    task: AbortOnDrop<()>,
+    task: AbortOnDropHandle<()>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -601,7 +667,7 @@ struct Pending {
 impl CursorSaver {
     fn spawn(pool: PgPool, stream: String, stats: Arc<RelayStats>, every: Duration) -> Self {
         let (latest, pending) = watch::channel(Pending::default());
-        let task = AbortOnDrop(tokio::spawn(save_latest(
+        let task = AbortOnDropHandle::new(tokio::spawn(save_latest(
             pool, stream, stats, pending, every,
         )));
         Self { latest, task }
@@ -647,8 +713,7 @@ async fn save_latest(
         match save_cursor(&pool, &stream, position, published).await {
             Ok(()) => {
                 saved_stored = stored;
-                stats.set_cursor(position);
-                stats.cursor_saves_total.fetch_add(1, Ordering::Relaxed);
+                stats.cursor_saved(position);
                 backoff = MIN_BACKOFF;
             }
             Err(err) => {
@@ -665,24 +730,6 @@ async fn save_latest(
                 pending.mark_changed();
             }
         }
-    }
-}
-
-/// A spawned task that is aborted when its handle is dropped (the relay stopping, or a
-/// read-ahead nobody will use).
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, JoinError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
     }
 }
 

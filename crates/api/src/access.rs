@@ -5,9 +5,9 @@
 //! moment ago cannot (the members read model may lag). Outsiders learn nothing about private
 //! communities: every refusal there is the same 404 a missing community gets.
 //!
-//! Every community loaded here is also remembered in a [`CommunityCache`], which lets a first
-//! join skip the load altogether: it is decided on the cached community and written with guards
-//! that make the insert itself confirm what the load would have (see `routes::members`).
+//! Every community loaded here is also remembered by [`Communities`], which lets a first join
+//! skip the load altogether: it is decided on the cached community and written with guards that
+//! make the insert itself confirm what the load would have (see `routes::members`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,12 +15,33 @@ use std::sync::{Arc, Mutex};
 use rookery_domain::{Community, Membership};
 use rookery_events::membership::membership_id;
 use rookery_events::{MemberStatus, Role};
-use rookery_store::Loaded;
+use rookery_store::{EventStore, Loaded};
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::state::AppState;
+
+/// Communities and the caller's memberships, loaded from the event store, with the cache of the
+/// communities last loaded. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Communities {
+    store: EventStore,
+    cache: Arc<CommunityCache>,
+}
+
+impl Communities {
+    pub fn new(store: EventStore) -> Self {
+        Self {
+            store,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The community as this process last loaded it, if it did (see [`CommunityCache`]).
+    pub fn cached(&self, id: Uuid) -> Option<Arc<Loaded<Community>>> {
+        self.cache.get(id)
+    }
+}
 
 pub(crate) struct CommunityAccess {
     pub community: Loaded<Community>,
@@ -36,7 +57,7 @@ impl CommunityAccess {
     /// Loads the community and the caller's membership; 404 when the community does not exist
     /// or the caller's token is scoped to another one.
     pub async fn load(
-        state: &AppState,
+        communities: &Communities,
         auth: &AuthUser,
         community_id: Uuid,
     ) -> Result<Self, ApiError> {
@@ -44,14 +65,14 @@ impl CommunityAccess {
             return Err(community_not_found());
         }
         let membership = membership_id(community_id, auth.user_id).to_string();
-        let (community, caller) = state
-            .store()
+        let (community, caller) = communities
+            .store
             .load_two::<Community, Membership>(&community_id.to_string(), &membership)
             .await?;
         if !community.aggregate.exists() {
             return Err(community_not_found());
         }
-        state.communities().remember(community_id, &community);
+        communities.cache.remember(community_id, &community);
         Ok(Self { community, caller })
     }
 
@@ -97,7 +118,7 @@ impl CommunityAccess {
 /// on their own: a command decided on one guards its insert with the cached version, so a
 /// community changed since (by any process) makes it fall back to a fresh load.
 #[derive(Default)]
-pub(crate) struct CommunityCache {
+struct CommunityCache {
     entries: Mutex<HashMap<Uuid, Arc<Loaded<Community>>>>,
 }
 
@@ -105,7 +126,7 @@ pub(crate) struct CommunityCache {
 const CACHED_COMMUNITIES: usize = 10_000;
 
 impl CommunityCache {
-    pub fn get(&self, id: Uuid) -> Option<Arc<Loaded<Community>>> {
+    fn get(&self, id: Uuid) -> Option<Arc<Loaded<Community>>> {
         self.entries.lock().ok()?.get(&id).cloned()
     }
 

@@ -1,7 +1,7 @@
 //! Authentication: access tokens (JWT, HS256), password hashes (argon2id) and rotating refresh
 //! tokens with reuse detection.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -21,7 +21,6 @@ use uuid::Uuid;
 
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::state::AppState;
 
 /// The claims of an access token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,12 +124,12 @@ impl AuthUser {
 impl<S> FromRequestParts<S> for AuthUser
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    Arc<JwtKeys>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let state = AppState::from_ref(state);
+        let keys = Arc::<JwtKeys>::from_ref(state);
         let value = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthorized("missing `Authorization: Bearer <token>`".into())
         })?;
@@ -143,7 +142,7 @@ where
             .ok_or_else(|| {
                 ApiError::Unauthorized("expected `Authorization: Bearer <token>`".into())
             })?;
-        let claims = state.keys().verify(token).map_err(|e| {
+        let claims = keys.verify(token).map_err(|e| {
             ApiError::Unauthorized(match e.kind() {
                 ErrorKind::ExpiredSignature => "the access token has expired; refresh it".into(),
                 _ => "the access token is not valid".into(),

@@ -14,9 +14,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use cqrs_es::Aggregate;
-use rookery_domain::{
-    community_claims, user_claims, ClaimOp, Community, DomainError, Membership, User,
-};
+use rookery_domain::{ClaimOp, Decider};
 use rookery_events::EventMetadata;
 use rookery_store::{Changes, Claim, Loaded, StoreError, UnitOfWork};
 use serde::{Deserialize, Serialize};
@@ -38,40 +36,6 @@ pub struct CommandResult {
     /// Consistency token of the last event written: pass it as `min_position` to a query to read
     /// your own write. `null` when the command changed nothing.
     pub position: Option<String>,
-}
-
-/// An aggregate the application can decide commands for, with the uniqueness claims its events
-/// take or release.
-pub(crate) trait Decider: Aggregate + Clone {
-    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError>;
-
-    fn claims(_event: &Self::Event) -> Vec<ClaimOp> {
-        Vec::new()
-    }
-}
-
-impl Decider for Community {
-    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError> {
-        Community::decide(self, command)
-    }
-    fn claims(event: &Self::Event) -> Vec<ClaimOp> {
-        community_claims(event)
-    }
-}
-
-impl Decider for Membership {
-    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError> {
-        Membership::decide(self, command)
-    }
-}
-
-impl Decider for User {
-    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError> {
-        User::decide(self, command)
-    }
-    fn claims(event: &Self::Event) -> Vec<ClaimOp> {
-        user_claims(event)
-    }
 }
 
 /// Who runs a command and as part of which request: stamped on every event it writes.
@@ -242,15 +206,12 @@ fn to_store_claim(op: ClaimOp) -> Claim {
 
 /// Times a command and records it under `name` in the metrics.
 pub(crate) async fn timed<T>(
-    state: &AppState,
     name: &'static str,
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<T, ApiError> {
     let started = Instant::now();
     let result = work.await;
-    state
-        .metrics()
-        .observe_command(name, started.elapsed().as_secs_f64(), result.is_ok());
+    crate::metrics::observe_command(name, started.elapsed().as_secs_f64(), result.is_ok());
     result
 }
 
@@ -263,7 +224,7 @@ pub(crate) async fn execute<A: Decider>(
     id: String,
     commands: impl FnOnce(&A) -> Result<Vec<A::Command>, ApiError>,
 ) -> Result<CommandResult, ApiError> {
-    timed(state, name, async {
+    timed(name, async {
         let loaded = state.store().load::<A>(&id).await?;
         run_loaded(state, ctx, id, loaded, commands).await
     })
@@ -280,7 +241,7 @@ pub(crate) async fn execute_loaded<A: Decider>(
     loaded: Loaded<A>,
     commands: impl FnOnce(&A) -> Result<Vec<A::Command>, ApiError>,
 ) -> Result<CommandResult, ApiError> {
-    timed(state, name, run_loaded(state, ctx, id, loaded, commands)).await
+    timed(name, run_loaded(state, ctx, id, loaded, commands)).await
 }
 
 #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %id, version = loaded.version))]
@@ -308,6 +269,7 @@ async fn run_loaded<A: Decider>(
 
 #[cfg(test)]
 mod tests {
+    use rookery_domain::Community;
     use rookery_events::{JoinMode, Platform, Role};
     use uuid::Uuid;
 

@@ -7,6 +7,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rookery_domain::{claim_conflict, claim_field, DomainError};
+use rookery_projections::QueryError;
 use rookery_store::StoreError;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -269,6 +270,16 @@ impl From<StoreError> for ApiError {
                 errors: Vec::new(),
             },
             other => ApiError::Internal(anyhow::Error::new(other).context("event store")),
+        }
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::BadCursor => ApiError::bad_request("cursor", e.to_string()),
+            QueryError::BadLimit => ApiError::invalid("limit", e.to_string()),
+            QueryError::Db(_) => ApiError::Internal(anyhow::Error::new(e)),
         }
     }
 }

@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use rookery_events::LogPosition;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, FieldError};
 use crate::state::AppState;
@@ -305,6 +305,32 @@ pub fn parse_if_match(value: &str) -> Result<Option<i64>, ApiError> {
             "If-Match",
             "If-Match must be the aggregate version (a non-negative integer) the change expects",
         )),
+    }
+}
+
+/// `?min_position=<position>`: the `position` a command returned, which the query's answer must
+/// reflect (read-your-writes; see `read::after`). Absent or empty: answer from the read model as
+/// it is. A value that is not a position token is a 400 naming `min_position`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MinPosition(pub Option<LogPosition>);
+
+/// The query parameter [`MinPosition`] reads, for handlers' OpenAPI `params(...)`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsistencyParams {
+    /// A command's `position`: wait (briefly) until the answer reflects it; 503 with
+    /// `Retry-After` if the read model does not get there in time.
+    pub min_position: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for MinPosition {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Query(params) = Query::<ConsistencyParams>::from_request_parts(parts, state).await?;
+        Ok(MinPosition(parse_min_position(
+            params.min_position.as_deref(),
+        )?))
     }
 }
 

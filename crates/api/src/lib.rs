@@ -38,7 +38,7 @@ use std::any::Any;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -58,14 +58,10 @@ pub fn router(state: AppState) -> Router {
     let (api, _) = routes::api_router().split_for_parts();
     let body_limit = state.config().body_limit;
     api.route("/docs/", get(openapi::docs_page))
-        .route("/docs/swagger-initializer.js", get(openapi::docs_init))
-        .route("/docs/swagger-ui-bundle.js", get(openapi::docs_bundle))
-        .route("/docs/swagger-ui.css", get(openapi::docs_css))
-        .route("/docs/LICENSE", get(openapi::docs_license))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::map_response(error::problem_for_plain_errors))
-        .layer(middleware::from_fn_with_state(state.clone(), observe_http))
+        .layer(middleware::from_fn(observe_http))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -115,7 +111,7 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
 }
 
 /// Records every request under its route template (bounded label values).
-async fn observe_http(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn observe_http(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = request
@@ -123,7 +119,7 @@ async fn observe_http(State(state): State<AppState>, request: Request, next: Nex
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
-    state.metrics().observe_http(
+    metrics::observe_http(
         method.as_str(),
         &route,
         response.status().as_u16(),
@@ -132,7 +128,5 @@ async fn observe_http(State(state): State<AppState>, request: Request, next: Nex
     response.into_response()
 }
 
-#[cfg(test)]
-mod db_tests;
 #[cfg(test)]
 mod tests;

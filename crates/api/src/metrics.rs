@@ -1,63 +1,186 @@
-//! Prometheus metrics, rendered by hand in the text exposition format (a handful of series does
-//! not justify a metrics crate). In-process series (histograms, counters) live in [`Metrics`];
-//! gauges that describe the whole system (relay and projection lag) are computed from Postgres
-//! at scrape time by the `/metrics` handler, so every replica reports the same truth.
+//! Prometheus metrics through the `metrics` facade.
+//!
+//! Every part of the process records into the one global recorder: the API its commands and
+//! requests (here), the relay and the projection workers their batches, events, cursor and lag
+//! (in their own crates, through the same facade). [`Metrics::install`] puts the Prometheus
+//! recorder in place once per process and `/metrics` renders it, after setting the gauges that
+//! describe the whole system (relay lag, projection lag, state and dead letters) from Postgres,
+//! so every replica reports the same truth.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::OnceLock;
 
-/// Upper bounds (seconds) of the latency histograms' buckets.
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Upper bounds (seconds) of every latency histogram's buckets.
 const BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-#[derive(Clone, Debug, Default)]
-struct Histogram {
-    /// Non-cumulative counts per bucket; the last slot is `+Inf`.
-    counts: [u64; BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        let seconds = if seconds.is_finite() {
-            seconds.max(0.0)
-        } else {
-            0.0
-        };
-        let slot = BUCKETS
-            .iter()
-            .position(|b| seconds <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[slot] += 1;
-        self.sum += seconds;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, count) in self.counts.iter().enumerate() {
-            cumulative += count;
-            let le = BUCKETS
-                .get(i)
-                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
-    }
-}
-
-/// The process' metrics registry.
-#[derive(Debug, Default)]
+/// Renders what the process recorded.
+#[derive(Clone)]
 pub struct Metrics {
-    /// `(command, ok)` → latency.
-    commands: Mutex<BTreeMap<(&'static str, bool), Histogram>>,
-    /// `(method, route)` → latency; `(method, route, status)` → count.
-    http_latency: Mutex<BTreeMap<(String, String), Histogram>>,
-    http_requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    handle: PrometheusHandle,
+}
+
+static INSTALLED: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+impl Metrics {
+    /// The process's recorder, installed by the first call (later ones share it). When the
+    /// embedding program installed a recorder of its own, this one records nothing and a
+    /// warning says so.
+    pub fn install() -> Self {
+        let installed = INSTALLED.get_or_init(|| {
+            let recorder = builder().build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(_) => None,
+            }
+        });
+        match installed {
+            Some(handle) => Self {
+                handle: handle.clone(),
+            },
+            None => {
+                tracing::warn!(
+                    "another metrics recorder is installed; /metrics shows only what it is given"
+                );
+                Self::detached()
+            }
+        }
+    }
+
+    /// A recorder of its own, not installed: for rendering in tests under
+    /// `metrics::with_local_recorder`.
+    pub fn detached() -> Self {
+        Self {
+            handle: builder().build_recorder().handle(),
+        }
+    }
+
+    /// Everything recorded, in the text exposition format.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+fn builder() -> PrometheusBuilder {
+    // Only fails for an empty bucket list.
+    PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new())
+}
+
+/// Help texts, once per process.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        "rookery_command_duration_seconds",
+        Unit::Seconds,
+        "Command latency: load, decide, commit."
+    );
+    describe_counter!("rookery_commands_total", "Commands executed, by outcome.");
+    describe_histogram!(
+        "rookery_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency by route."
+    );
+    describe_counter!(
+        "rookery_http_requests_total",
+        "HTTP requests by route and status."
+    );
+    describe_counter!(
+        "rookery_relay_events_published_total",
+        "Events the relay stored on the stream (its rate is the relay's throughput)."
+    );
+    describe_counter!(
+        "rookery_relay_events_confirmed_total",
+        "Events confirmed on the stream, re-sent duplicates included."
+    );
+    describe_counter!(
+        "rookery_relay_failed_batches_total",
+        "Times relaying stopped short on an error (retried)."
+    );
+    describe_counter!(
+        "rookery_relay_cursor_saves_total",
+        "Relay cursor saves that reached Postgres."
+    );
+    describe_gauge!(
+        "rookery_relay_cursor_txid",
+        "Transaction id of the relay's stored cursor (the log key's first half)."
+    );
+    describe_gauge!(
+        "rookery_relay_cursor_gpos",
+        "Global position of the relay's stored cursor (the log key's second half)."
+    );
+    describe_gauge!(
+        "rookery_relay_active",
+        "1 while this process's relay is the active one."
+    );
+    describe_gauge!(
+        "rookery_relay_last_batch_timestamp_seconds",
+        "When the relay last confirmed a batch or found the log caught up (Unix time)."
+    );
+    describe_counter!(
+        "rookery_projection_batches_total",
+        "Projection batches committed, by projection."
+    );
+    describe_counter!(
+        "rookery_projection_events_applied_total",
+        "Events a projection applied (its rate is the projection's throughput)."
+    );
+    describe_counter!(
+        "rookery_projection_events_skipped_total",
+        "Deliveries a projection skipped as already applied (redeliveries, rebuilt ranges)."
+    );
+    describe_counter!(
+        "rookery_projection_events_parked_total",
+        "Poison events a projection parked."
+    );
+    describe_counter!(
+        "rookery_projection_batch_failures_total",
+        "Projection batches rolled back (retried)."
+    );
+    describe_histogram!(
+        "rookery_projection_batch_duration_seconds",
+        Unit::Seconds,
+        "Time from a projection batch's fetch to its commit."
+    );
+    describe_gauge!(
+        "rookery_projection_active_partitions",
+        "Partitions of a projection this process is the active worker of."
+    );
+    describe_gauge!(
+        "rookery_projection_lag_events",
+        "Committed events a projection has not applied yet."
+    );
+    describe_gauge!(
+        "rookery_projection_lag_seconds",
+        "Age of the oldest committed event a projection has not applied yet (0 when none)."
+    );
+    describe_gauge!(
+        "rookery_projection_dead_letters",
+        "Poison events parked by a projection and not yet retried or skipped."
+    );
+    describe_gauge!(
+        "rookery_projection_state",
+        "A projection's state (1 for the current one)."
+    );
+    describe_gauge!(
+        "rookery_relay_lag_events",
+        "Committed events not yet confirmed on the bus."
+    );
+    describe_gauge!(
+        "rookery_relay_lag_seconds",
+        "Age of the oldest committed event not yet confirmed on the bus (0 when none)."
+    );
+    describe_gauge!(
+        "rookery_nats_connected",
+        "Whether this process is connected to NATS."
+    );
 }
 
 fn outcome(ok: bool) -> &'static str {
@@ -68,174 +191,70 @@ fn outcome(ok: bool) -> &'static str {
     }
 }
 
-impl Metrics {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Records one command execution (load, decide, commit) of `name`, e.g. `community.create`.
-    pub fn observe_command(&self, name: &'static str, seconds: f64, ok: bool) {
-        if let Ok(mut commands) = self.commands.lock() {
-            commands.entry((name, ok)).or_default().observe(seconds);
-        }
-    }
-
-    /// Records one HTTP request; `route` is the matched route template, never the raw path (which
-    /// would make one series per id).
-    pub fn observe_http(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        if let Ok(mut latency) = self.http_latency.lock() {
-            latency
-                .entry((method.to_string(), route.to_string()))
-                .or_default()
-                .observe(seconds);
-        }
-        if let Ok(mut requests) = self.http_requests.lock() {
-            *requests
-                .entry((method.to_string(), route.to_string(), status))
-                .or_default() += 1;
-        }
-    }
-
-    /// The in-process series in the text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Ok(commands) = self.commands.lock() {
-            header(
-                &mut out,
-                "rookery_command_duration_seconds",
-                "histogram",
-                "Command latency: load, decide, commit.",
-            );
-            for ((name, ok), h) in commands.iter() {
-                let labels = format!("command=\"{}\",outcome=\"{}\"", escape(name), outcome(*ok));
-                h.render(&mut out, "rookery_command_duration_seconds", &labels);
-            }
-            header(
-                &mut out,
-                "rookery_commands_total",
-                "counter",
-                "Commands executed, by outcome.",
-            );
-            for ((name, ok), h) in commands.iter() {
-                let _ = writeln!(
-                    out,
-                    "rookery_commands_total{{command=\"{}\",outcome=\"{}\"}} {}",
-                    escape(name),
-                    outcome(*ok),
-                    h.count
-                );
-            }
-        }
-        if let Ok(latency) = self.http_latency.lock() {
-            header(
-                &mut out,
-                "rookery_http_request_duration_seconds",
-                "histogram",
-                "HTTP request latency by route.",
-            );
-            for ((method, route), h) in latency.iter() {
-                let labels = format!("method=\"{}\",route=\"{}\"", escape(method), escape(route));
-                h.render(&mut out, "rookery_http_request_duration_seconds", &labels);
-            }
-        }
-        if let Ok(requests) = self.http_requests.lock() {
-            header(
-                &mut out,
-                "rookery_http_requests_total",
-                "counter",
-                "HTTP requests by route and status.",
-            );
-            for ((method, route, status), n) in requests.iter() {
-                let _ = writeln!(
-                    out,
-                    "rookery_http_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
-                    escape(method),
-                    escape(route)
-                );
-            }
-        }
-        out
-    }
+/// Records one command execution (load, decide, commit) of `name`, e.g. `community.create`.
+pub fn observe_command(name: &'static str, seconds: f64, ok: bool) {
+    let labels = [("command", name), ("outcome", outcome(ok))];
+    metrics::histogram!("rookery_command_duration_seconds", &labels).record(seconds);
+    metrics::counter!("rookery_commands_total", &labels).increment(1);
 }
 
-/// Appends a gauge family: `samples` are `(labels, value)` with labels as `(name, value)` pairs.
-pub fn render_gauge(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    samples: &[(Vec<(&str, String)>, f64)],
-) {
-    header(out, name, "gauge", help);
-    for (labels, value) in samples {
-        let labels: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect();
-        let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
-    }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Label values escape `\`, `"` and newlines.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Records one HTTP request; `route` is the matched route template, never the raw path (which
+/// would make one series per id).
+pub fn observe_http(method: &str, route: &str, status: u16, seconds: f64) {
+    let (method, route) = (method.to_string(), route.to_string());
+    metrics::histogram!(
+        "rookery_http_request_duration_seconds",
+        "method" => method.clone(),
+        "route" => route.clone()
+    )
+    .record(seconds);
+    metrics::counter!(
+        "rookery_http_requests_total",
+        "method" => method,
+        "route" => route,
+        "status" => status.to_string()
+    )
+    .increment(1);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_histograms_are_cumulative_with_sum_and_count() {
-        let m = Metrics::new();
-        m.observe_command("community.create", 0.004, true);
-        m.observe_command("community.create", 0.2, true);
-        m.observe_command("community.create", 0.01, false);
-        let text = m.render();
-        let ok = "command=\"community.create\",outcome=\"ok\"";
-        assert!(
-            text.contains(&format!(
-                "rookery_command_duration_seconds_bucket{{{ok},le=\"0.005\"}} 1"
-            )),
-            "{text}"
-        );
-        assert!(text.contains(&format!(
-            "rookery_command_duration_seconds_bucket{{{ok},le=\"0.25\"}} 2"
-        )));
-        assert!(text.contains(&format!(
-            "rookery_command_duration_seconds_bucket{{{ok},le=\"+Inf\"}} 2"
-        )));
-        assert!(text.contains(&format!("rookery_command_duration_seconds_count{{{ok}}} 2")));
-        assert!(text
-            .contains("rookery_commands_total{command=\"community.create\",outcome=\"error\"} 1"));
-        assert!(text.contains("# TYPE rookery_command_duration_seconds histogram"));
+    fn recorded(f: impl FnOnce()) -> String {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, f);
+        handle.render()
     }
 
     #[test]
-    fn http_series_use_route_templates_and_gauges_escape_labels() {
-        let m = Metrics::new();
-        m.observe_http("GET", "/v1/communities/{id}", 200, 0.003);
-        let text = m.render();
-        assert!(text.contains(
-            "rookery_http_requests_total{method=\"GET\",route=\"/v1/communities/{id}\",status=\"200\"} 1"
-        ));
-        let mut out = String::new();
-        render_gauge(
-            &mut out,
-            "rookery_x",
-            "X.",
-            &[(vec![("projection", "a\"b".to_string())], 2.5)],
-        );
+    fn command_histograms_are_cumulative_with_sum_and_count() {
+        let text = recorded(|| {
+            observe_command("community.create", 0.004, true);
+            observe_command("community.create", 0.2, true);
+            observe_command("community.create", 0.01, false);
+        });
+        let ok = "command=\"community.create\",outcome=\"ok\"";
+        for line in [
+            format!("rookery_command_duration_seconds_bucket{{{ok},le=\"0.005\"}} 1"),
+            format!("rookery_command_duration_seconds_bucket{{{ok},le=\"0.25\"}} 2"),
+            format!("rookery_command_duration_seconds_bucket{{{ok},le=\"+Inf\"}} 2"),
+            format!("rookery_command_duration_seconds_count{{{ok}}} 2"),
+            "rookery_commands_total{command=\"community.create\",outcome=\"error\"} 1".into(),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn http_series_use_route_templates() {
+        let text = recorded(|| observe_http("GET", "/v1/communities/{id}", 200, 0.003));
         assert!(
-            out.contains("rookery_x{projection=\"a\\\"b\"} 2.5"),
-            "{out}"
+            text.contains(
+                "rookery_http_requests_total{method=\"GET\",route=\"/v1/communities/{id}\",status=\"200\"} 1"
+            ),
+            "{text}"
         );
     }
 }

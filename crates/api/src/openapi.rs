@@ -12,6 +12,11 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoResponses, Modify, OpenApi};
 
 use crate::error::{FieldError, Problem, PROBLEM_JSON};
+use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::state::AppState;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -252,4 +257,17 @@ pub(crate) async fn docs_css() -> Response {
 
 pub(crate) async fn docs_license() -> Response {
     asset("text/plain; charset=utf-8", UI_LICENSE)
+}
+
+/// This resource's routes. One `routes!` per path: utoipa-axum mounts each handler of a group on
+/// every path of the group.
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(openapi_document))
+        .routes(routes!(docs_page))
+        // The page's assets: served, not documented.
+        .route("/docs/swagger-initializer.js", get(docs_init))
+        .route("/docs/swagger-ui-bundle.js", get(docs_bundle))
+        .route("/docs/swagger-ui.css", get(docs_css))
+        .route("/docs/LICENSE", get(docs_license))
 }

@@ -1,12 +1,17 @@
 //! Shared state of every handler: one `Arc`, cheap to clone per request.
+//!
+//! Extractors that need only a part of it take that part as a sub-state ([`FromRef`]): the JWT
+//! keys for [`AuthUser`](crate::auth::AuthUser), the community reader for access checks. So
+//! neither `auth` nor `access` depends on this module, and this module depends on both.
 
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use rookery_nats::Bus;
 use rookery_store::EventStore;
 use sqlx::PgPool;
 
-use crate::access::CommunityCache;
+use crate::access::Communities;
 use crate::auth::JwtKeys;
 use crate::config::ApiConfig;
 use crate::metrics::Metrics;
@@ -19,40 +24,43 @@ pub struct AppState {
 struct Inner {
     pool: PgPool,
     store: EventStore,
-    keys: JwtKeys,
+    keys: Arc<JwtKeys>,
     config: ApiConfig,
     bus: Option<Bus>,
-    metrics: Arc<Metrics>,
-    communities: CommunityCache,
+    metrics: Metrics,
+    communities: Communities,
 }
 
 impl AppState {
     /// `bus` is `None` when the process runs without NATS (then `/ready` does not check it).
-    pub fn new(pool: PgPool, bus: Option<Bus>, config: ApiConfig) -> Self {
-        let keys = JwtKeys::new(&config.auth);
+    /// `metrics` renders what the process records (see [`Metrics`]).
+    pub fn new(pool: PgPool, bus: Option<Bus>, config: ApiConfig, metrics: Metrics) -> Self {
+        let keys = Arc::new(JwtKeys::new(&config.auth));
+        let store = EventStore::new(pool.clone());
         Self {
             inner: Arc::new(Inner {
-                store: EventStore::new(pool.clone()),
+                communities: Communities::new(store.clone()),
+                store,
                 pool,
                 keys,
                 config,
                 bus,
-                metrics: Arc::new(Metrics::default()),
-                communities: CommunityCache::default(),
+                metrics,
             }),
         }
     }
 
-    /// The metrics registry `/metrics` renders; other components may record into it.
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.inner.metrics.clone()
+    /// What `/metrics` renders.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }
 
-    pub(crate) fn communities(&self) -> &CommunityCache {
+    /// Communities as access checks load them (with the cache a first join is decided on).
+    pub(crate) fn communities(&self) -> &Communities {
         &self.inner.communities
     }
 
@@ -70,5 +78,17 @@ impl AppState {
 
     pub fn bus(&self) -> Option<&Bus> {
         self.inner.bus.as_ref()
+    }
+}
+
+impl FromRef<AppState> for Arc<JwtKeys> {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.keys.clone()
+    }
+}
+
+impl FromRef<AppState> for Communities {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.communities.clone()
     }
 }

@@ -5,7 +5,7 @@ use crate::pipeline::Pipeline;
 use anyhow::Context;
 use base64::Engine;
 use rand::RngCore;
-use rookery_api::{ApiConfig, AppState, AuthConfig};
+use rookery_api::{ApiConfig, AppState, AuthConfig, Metrics};
 use rookery_nats::{Bus, BusConfig};
 use rookery_projections::{ProjectionWorker, WorkerStats};
 use rookery_store::{DbConfig, PgPool};
@@ -53,6 +53,8 @@ impl Application {
     /// stream), and binds the HTTP listener.
     pub async fn build(config: Config, mode: Mode) -> anyhow::Result<Self> {
         config.validate()?;
+        // Before anything records: handles the relay and workers register now are live.
+        let metrics = Metrics::install();
         // Bound first: a taken port fails start-up before anything is created elsewhere.
         let listener = if mode.serves_http() {
             Some(TcpListener::bind(config.http_addr).await.with_context(|| {
@@ -90,7 +92,7 @@ impl Application {
                 read_wait: config.read_wait,
                 body_limit: 256 * 1024,
             };
-            Some(AppState::new(pool.clone(), Some(bus.clone()), api))
+            Some(AppState::new(pool.clone(), Some(bus.clone()), api, metrics))
         } else {
             None
         };

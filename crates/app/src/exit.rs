@@ -1,7 +1,7 @@
 //! Exit codes: each start-up failure an operator can fix has its own code and one clear line
 //! (the README lists them).
 
-use rookery_store::db::NewerSchema;
+use rookery_store::NewerSchema;
 
 /// Success.
 pub const OK: u8 = 0;

@@ -10,9 +10,11 @@
 //! - [`telemetry`]: the tracing subscriber (pretty locally, JSON in production, quiet in tests).
 //! - [`application`]: building and running the parts, graceful shutdown.
 //! - [`pipeline`]: the relay and projection workers; beside the API, on threads of their own.
+//! - [`doctor`]: `rookery doctor`, every check with its fix.
+//! - [`embedded`]: private Postgres and NATS servers when nothing answers at the defaults.
+//! - [`exit`]: start-up failures classified into exit codes.
 
 pub mod application;
-pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod embedded;

@@ -79,7 +79,7 @@ enum ProjectionsCommand {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Bench { .. }) {
-        rookery_app::bench::init_telemetry();
+        rookery_bench::init_telemetry();
     } else {
         rookery_app::telemetry::init();
     }
@@ -112,14 +112,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             plot,
             rate,
         } => {
-            let options = rookery_app::bench::Options {
+            let options = rookery_bench::Options {
                 quick,
                 json,
                 only,
                 plot,
                 rate,
             };
-            return rookery_app::bench::run(config, options).await;
+            return rookery_bench::run(config, options).await;
         }
         Command::Doctor => return Ok(()),
     };

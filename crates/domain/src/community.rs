@@ -10,6 +10,8 @@ use rookery_events::{aggregate_types, CommunityEvent, JoinMode, Platform, Role};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::claims::{community_claims, ClaimOp};
+use crate::decider::Decider;
 use crate::membership::CommunityContext;
 use crate::validation::{
     validate_community_name, validate_description, validate_display_name, validate_reason,
@@ -340,6 +342,16 @@ impl Aggregate for Community {
             CommunityEvent::JoinModeChanged { join_mode } => self.join_mode = join_mode,
             CommunityEvent::CommunityArchived { .. } => self.archived = true,
         }
+    }
+}
+
+impl Decider for Community {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError> {
+        Community::decide(self, command)
+    }
+
+    fn claims(event: &Self::Event) -> Vec<ClaimOp> {
+        community_claims(event)
     }
 }
 

@@ -11,11 +11,14 @@
 //! - [`membership`]: one `community × user` membership (join, roles, leave, remove, ban).
 //! - [`user`]: the hub user (registration, linked platform accounts).
 //! - [`validation`]: field rules shared with the API.
+//! - [`Decider`]: what the application needs of an aggregate (decide, claims), implemented beside
+//!   each aggregate.
 //! - [`claims`]: which uniqueness claims (names, emails, platform ids) each event takes or releases.
 //! - [`DomainError`]: the one rejection type, one variant per HTTP status.
 
 pub mod claims;
 pub mod community;
+mod decider;
 mod error;
 pub mod membership;
 pub mod user;
@@ -23,6 +26,7 @@ pub mod validation;
 
 pub use claims::{claim_conflict, claim_field, community_claims, user_claims, ClaimOp};
 pub use community::{Community, CommunityCommand, LinkedServer};
+pub use decider::Decider;
 pub use error::DomainError;
 pub use membership::{CommunityContext, Membership, MembershipCommand};
 pub use user::{PlatformIdentity, User, UserCommand};

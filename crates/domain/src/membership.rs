@@ -9,6 +9,7 @@ use rookery_events::{aggregate_types, JoinMode, MemberStatus, MembershipEvent, R
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::decider::Decider;
 use crate::validation::validate_reason;
 use crate::DomainError;
 
@@ -394,6 +395,12 @@ impl Aggregate for Membership {
         };
         self.status = Some(status);
         self.role = role;
+    }
+}
+
+impl Decider for Membership {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError> {
+        Membership::decide(self, command)
     }
 }
 

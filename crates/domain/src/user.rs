@@ -9,6 +9,8 @@ use rookery_events::{aggregate_types, Platform, UserEvent};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::claims::{user_claims, ClaimOp};
+use crate::decider::Decider;
 use crate::validation::{
     normalize_email, validate_platform_user_id, validate_platform_username, validate_username,
 };
@@ -174,6 +176,16 @@ impl Aggregate for User {
                 });
             }
         }
+    }
+}
+
+impl Decider for User {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError> {
+        User::decide(self, command)
+    }
+
+    fn claims(event: &Self::Event) -> Vec<ClaimOp> {
+        user_claims(event)
     }
 }
 

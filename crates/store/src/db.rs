@@ -1,16 +1,12 @@
-//! Connecting to Postgres, running the embedded migrations, and keeping a connection between
+//! Connecting to Postgres (creating the database when missing) and keeping a connection between
 //! uses ([`KeptConn`]).
 
 use anyhow::Context;
-use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgSeverity, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
-
-/// The one migration set (`migrations/` at the workspace root), embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
 
 #[derive(Clone, Debug)]
 pub struct DbConfig {
@@ -184,24 +180,6 @@ fn plaintext_on_loopback(url: &str, sslmode_in_env: bool) -> bool {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
-    }
-}
-
-/// The database holds a migration this binary does not know: a newer Rookery migrated it.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the database was migrated by a newer version of Rookery (migration {0} is unknown to this \
-     binary); run that version, or point DATABASE_URL at another database"
-)]
-pub struct NewerSchema(pub i64);
-
-/// Runs pending migrations (idempotent; safe with several processes starting at once, sqlx
-/// serialises them with an advisory lock).
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    match MIGRATOR.run(pool).await {
-        Ok(()) => Ok(()),
-        Err(sqlx::migrate::MigrateError::VersionMissing(v)) => Err(NewerSchema(v).into()),
-        Err(e) => Err(anyhow::Error::new(e).context("running database migrations")),
     }
 }
 

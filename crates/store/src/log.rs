@@ -1,4 +1,4 @@
-//! The global log in commit-safe order (DESIGN.md §4).
+//! The global log in commit-safe order (docs/architecture.md, "The log").
 //!
 //! Reads only transactions older than every in-flight one, ordered by the log key
 //! `(transaction_id, global_position)`, so a reader's cursor never passes an event that commits

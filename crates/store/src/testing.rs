@@ -1,7 +1,8 @@
 //! Test support (feature `testing`): a fresh, migrated database per test, dropped afterwards even
 //! when the test panics, so tests run in parallel and leave nothing behind.
 
-use crate::db::{connect, migrate, DbConfig};
+use crate::db::{connect, DbConfig};
+use crate::migrations::migrate;
 use sqlx::PgPool;
 
 /// Base URL of the server tests create databases on: `TEST_DATABASE_URL`, else the local one,

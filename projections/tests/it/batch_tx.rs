@@ -3,7 +3,8 @@
 //! atomicity with the checkpoint, and no pooled connection left inside a transaction.
 
 use rookery_events::LogPosition;
-use rookery_store::checkpoints::{self, Advance, BatchTx};
+use rookery_projections::engine::checkpoints::{self, Advance, BatchTx};
+use rookery_projections::engine::state;
 use rookery_store::testing::TestDb;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -118,9 +119,7 @@ async fn a_batch_dropped_midway_leaves_nothing_and_no_open_transaction() {
 async fn rollback_discards_the_writes_and_reports_a_paused_projection() {
     let db = TestDb::create().await.expect("test database");
     let pool = one_connection(&db).await;
-    assert!(checkpoints::set_paused(&pool, NAME, true)
-        .await
-        .expect("pause"));
+    assert!(state::set_paused(&pool, NAME, true).await.expect("pause"));
     let user = Uuid::new_v4();
     let (mut tx, cp) = begin(&pool, NAME, 0).await.expect("begin");
     assert_eq!(cp.map(|(_, paused)| paused), Some(true));

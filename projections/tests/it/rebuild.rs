@@ -7,10 +7,11 @@ use crate::support::{
 };
 use rookery_events::{LogPosition, MembershipEvent, Role};
 use rookery_nats::{Relay, RelayConfig};
-use rookery_projections::members::{self, MemberQuery, NAME};
+use rookery_projections::models::members::MembersProjection;
+use rookery_projections::models::members::{self, MemberQuery, NAME};
 use rookery_projections::{
-    rebuild_with, run_projection, run_until_idle, status, wait_for_position, MembersProjection,
-    Projection, ProjectionState, RebuildConfig,
+    rebuild_with, run_projection, run_until_idle, status, wait_for_position, Projection,
+    ProjectionState, RebuildConfig,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -481,6 +482,9 @@ impl Projection for BatchByBatch {
     }
     fn tables(&self) -> &'static [&'static str] {
         MembersProjection.tables()
+    }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        MembersProjection.aggregate_types()
     }
     fn apply<'a>(
         &'a self,

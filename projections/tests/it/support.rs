@@ -493,6 +493,9 @@ impl Projection for ModelCopy {
     fn tables(&self) -> &'static [&'static str] {
         &["members", "member_counts", "member_users"]
     }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        rookery_projections::models::members::MembersProjection.aggregate_types()
+    }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -501,7 +504,7 @@ impl Projection for ModelCopy {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let names = self.names();
-            rookery_projections::MembersProjection
+            rookery_projections::models::members::MembersProjection
                 .apply(conn, &names, events)
                 .await
         })

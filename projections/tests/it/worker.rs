@@ -6,12 +6,13 @@ use crate::support::{
 use futures::future::BoxFuture;
 use rookery_events::{LogPosition, RecordedEvent, Role};
 use rookery_nats::{Delivery, PartitionConsumer, Relay, RelayConfig};
-use rookery_projections::members::{self, NAME};
+use rookery_projections::engine::checkpoints;
+use rookery_projections::models::members::MembersProjection;
+use rookery_projections::models::members::{self, NAME};
 use rookery_projections::{
-    run_projection, run_until_idle, status, wait_for_position, MembersProjection, Projection,
-    ProjectionState, ProjectionWorker, TableNames,
+    run_projection, run_until_idle, status, wait_for_position, Projection, ProjectionState,
+    ProjectionWorker, TableNames,
 };
-use rookery_store::checkpoints;
 use sqlx::PgConnection;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,6 +142,9 @@ impl Projection for StallingMembers {
     fn tables(&self) -> &'static [&'static str] {
         MembersProjection.tables()
     }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        MembersProjection.aggregate_types()
+    }
     fn apply<'a>(
         &'a self,
         conn: &'a mut PgConnection,
@@ -258,6 +262,9 @@ impl Projection for FailsOn {
     }
     fn tables(&self) -> &'static [&'static str] {
         MembersProjection.tables()
+    }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        MembersProjection.aggregate_types()
     }
     fn apply<'a>(
         &'a self,

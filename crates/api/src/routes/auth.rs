@@ -16,6 +16,8 @@ use crate::error::ApiError;
 use crate::extract::{Json, RequestMeta};
 use crate::openapi::{BadRequest, Conflict, PayloadTooLarge, Unauthorized, Unprocessable};
 use crate::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +81,7 @@ pub(crate) async fn register(
 ) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let user_id = Uuid::new_v4();
     tracing::Span::current().record("user_id", tracing::field::display(user_id));
-    let response = timed(&state, "user.register", async {
+    let response = timed("user.register", async {
         // Everything that can refuse the request runs before the (deliberately slow) hash.
         validate_password(&body.password)?;
         let change = Change::decide(
@@ -226,4 +228,14 @@ fn token_pair(
         expires_in: keys.access_ttl_secs(),
         token_type: "Bearer".into(),
     })
+}
+
+/// This resource's routes. One `routes!` per path: utoipa-axum mounts each handler of a group on
+/// every path of the group.
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
 }

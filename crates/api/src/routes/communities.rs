@@ -5,16 +5,17 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use rookery_domain::{Community, CommunityCommand, Membership, MembershipCommand};
 use rookery_events::membership::membership_id;
 use rookery_events::{JoinMode, Platform};
+use rookery_projections::models::members;
 use rookery_store::Loaded;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::access::CommunityAccess;
 use crate::auth::AuthUser;
 use crate::commands::{execute_loaded, timed, Change, CommandResult, Ctx, Tx};
 use crate::error::ApiError;
-use crate::extract::{parse_min_position, Json, JsonOrEmpty, Path, Query, RequestMeta};
+use crate::extract::{ConsistencyParams, Json, JsonOrEmpty, MinPosition, Path, RequestMeta};
 use crate::openapi::{
     BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unavailable,
     Unprocessable,
@@ -22,6 +23,8 @@ use crate::openapi::{
 use crate::read;
 use crate::routes::{created_or_ok, parse_platform};
 use crate::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 fn default_true() -> bool {
     true
@@ -125,7 +128,7 @@ pub(crate) async fn create(
     let community_id = Uuid::new_v4();
     tracing::Span::current().record("community_id", tracing::field::display(community_id));
     let ctx = Ctx::new(&auth, meta);
-    let result = timed(&state, "community.create", async {
+    let result = timed("community.create", async {
         let community = Change::decide(
             community_id.to_string(),
             Loaded {
@@ -167,18 +170,11 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(result)))
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct CommunityQuery {
-    /// A command's `position`: wait (briefly) until `member_count` reflects it. The rest of the
-    /// community is read from its events and always current.
-    pub min_position: Option<String>,
-}
-
 /// A community as its events say now. Public communities are visible to every signed-in user,
-/// private ones only to their members (others get 404).
+/// private ones only to their members (others get 404). `min_position` waits for
+/// `member_count` (a read model); the rest is read from the community's events, always current.
 #[utoipa::path(get, path = "/v1/communities/{id}", tag = "communities",
-    params(("id" = Uuid, Path, description = "Community id"), CommunityQuery),
+    params(("id" = Uuid, Path, description = "Community id"), ConsistencyParams),
     responses(
         (status = 200, description = "The community", body = CommunityResponse,
             headers(("ETag" = String, description = "The version, quoted"))),
@@ -189,13 +185,12 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     auth: AuthUser,
     Path(id): Path<Uuid>,
-    Query(params): Query<CommunityQuery>,
+    min: MinPosition,
 ) -> Result<(HeaderMap, Json<CommunityResponse>), ApiError> {
-    let min_position = parse_min_position(params.min_position.as_deref())?;
-    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     access.require_visible()?;
-    read::await_members(&state, min_position).await?;
-    let member_count = read::member_count(&state, id).await?;
+    let count = members::member_count(state.pool(), id);
+    let member_count = read::after(&state, members::NAME, min, count).await?;
     let version = access.community.version;
     let c = access.community.aggregate;
     let mut headers = HeaderMap::new();
@@ -247,7 +242,7 @@ pub(crate) async fn update(
     Path(id): Path<Uuid>,
     JsonOrEmpty(body): JsonOrEmpty<UpdateCommunityRequest>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     let actor_role = access.require_member()?;
     let ctx = Ctx::new(&auth, meta);
     let result = execute_loaded(
@@ -301,7 +296,7 @@ pub(crate) async fn link_platform(
     Path(id): Path<Uuid>,
     Json(body): Json<LinkPlatformRequest>,
 ) -> Result<(StatusCode, Json<CommandResult>), ApiError> {
-    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     let actor_role = access.require_member()?;
     let ctx = Ctx::new(&auth, meta);
     let result = execute_loaded(
@@ -349,7 +344,7 @@ pub(crate) async fn unlink_platform(
     Path(path): Path<PlatformPath>,
 ) -> Result<Json<CommandResult>, ApiError> {
     let platform = parse_platform(&path.platform)?;
-    let access = CommunityAccess::load(&state, &auth, path.id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     let actor_role = access.require_member()?;
     let ctx = Ctx::new(&auth, meta);
     let server_id = path.server_id;
@@ -391,7 +386,7 @@ pub(crate) async fn archive(
     Path(id): Path<Uuid>,
     JsonOrEmpty(body): JsonOrEmpty<ArchiveRequest>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     let actor_role = access.require_member()?;
     let ctx = Ctx::new(&auth, meta);
     let result = execute_loaded(
@@ -409,4 +404,15 @@ pub(crate) async fn archive(
     )
     .await?;
     Ok(Json(result))
+}
+
+/// This resource's routes. One `routes!` per path: utoipa-axum mounts each handler of a group on
+/// every path of the group.
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(get, update))
+        .routes(routes!(link_platform))
+        .routes(routes!(unlink_platform))
+        .routes(routes!(archive))
 }

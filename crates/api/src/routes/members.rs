@@ -8,7 +8,8 @@ use axum::http::StatusCode;
 use rookery_domain::{Community, Membership, MembershipCommand, User};
 use rookery_events::membership::membership_id;
 use rookery_events::{JoinMode, MemberStatus, Role};
-use rookery_projections::members::{MemberQuery, MemberSort, MemberView, DEFAULT_LIMIT, MAX_LIMIT};
+use rookery_projections::models::members::{self, MemberQuery, MemberSort, MemberView};
+use rookery_projections::support::{DEFAULT_LIMIT, MAX_LIMIT};
 use rookery_store::{Loaded, StoreError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -18,7 +19,7 @@ use crate::access::{community_not_found, CommunityAccess};
 use crate::auth::AuthUser;
 use crate::commands::{execute, execute_loaded, Change, CommandResult, Ctx, Tx};
 use crate::error::ApiError;
-use crate::extract::{parse_min_position, Json, JsonOrEmpty, Path, Query, RequestMeta};
+use crate::extract::{ConsistencyParams, Json, JsonOrEmpty, MinPosition, Path, Query, RequestMeta};
 use crate::openapi::{
     BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unavailable,
     Unprocessable,
@@ -27,6 +28,8 @@ use crate::read;
 use crate::routes::created_or_ok;
 use crate::routes::users::IdentityResponse;
 use crate::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -60,22 +63,23 @@ pub struct MembersQuery {
     #[param(value_type = Option<MemberStatus>)]
     pub status: Option<String>,
     /// `joined_at` (default, oldest first) or `username`.
-    #[param(value_type = Option<MemberSort>, inline)]
+    #[param(value_type = Option<MemberSortParam>, inline)]
     pub sort: Option<String>,
     /// Page size, 1 to 200 (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
-    /// A command's `position`: wait (briefly) until the list reflects it.
-    pub min_position: Option<String>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct MemberQueryParams {
-    /// A command's `position`: wait (briefly) until the member reflects it.
-    pub min_position: Option<String>,
+/// Member list orders, as the OpenAPI document names them (parsed by [`MembersQuery`]).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum MemberSortParam {
+    /// Longest-standing members first.
+    JoinedAt,
+    Username,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -212,7 +216,7 @@ pub(crate) async fn add(
             return Ok(created_or_ok(result));
         }
     }
-    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     let context = access.community.aggregate.context();
     let result = match target {
         None => {
@@ -280,7 +284,7 @@ async fn join_without_load(
     if !auth.reaches(id) || ctx.meta.if_match.is_some() {
         return Ok(None);
     }
-    let Some(community) = state.communities().get(id) else {
+    let Some(community) = state.communities().cached(id) else {
         return Ok(None);
     };
     let context = community.aggregate.context();
@@ -314,9 +318,7 @@ async fn join_without_load(
         Err(StoreError::Stale { .. }) => Ok(None),
         outcome => {
             let elapsed = started.elapsed().as_secs_f64();
-            state
-                .metrics()
-                .observe_command("member.join", elapsed, outcome.is_ok());
+            crate::metrics::observe_command("member.join", elapsed, outcome.is_ok());
             Ok(Some(outcome?))
         }
     }
@@ -333,7 +335,7 @@ async fn require_user(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
 
 /// Lists members (active members of the community only), filtered and paged.
 #[utoipa::path(get, path = "/v1/communities/{id}/members", tag = "members",
-    params(("id" = Uuid, Path, description = "Community id"), MembersQuery),
+    params(("id" = Uuid, Path, description = "Community id"), MembersQuery, ConsistencyParams),
     responses(
         (status = 200, description = "A page of members", body = MemberPageResponse),
         BadRequest, Forbidden, NotFound, Unprocessable, Unavailable,
@@ -344,15 +346,16 @@ pub(crate) async fn list(
     auth: AuthUser,
     Path(id): Path<Uuid>,
     Query(params): Query<MembersQuery>,
+    min: MinPosition,
 ) -> Result<Json<MemberPageResponse>, ApiError> {
-    let min_position = parse_min_position(params.min_position.as_deref())?;
     let query = params.to_query()?;
-    let access = CommunityAccess::load(&state, &auth, id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     access.require_member()?;
-    read::await_members(&state, min_position).await?;
-    let page = read::list_members(&state, id, &query).await?;
+    let list = members::list_members(state.pool(), id, &query);
+    let page = read::after(&state, members::NAME, min, list).await?;
+    let page = page.map(MemberResponse::from);
     Ok(Json(MemberPageResponse {
-        items: page.items.into_iter().map(MemberResponse::from).collect(),
+        items: page.items,
         next_cursor: page.next_cursor,
     }))
 }
@@ -362,7 +365,7 @@ pub(crate) async fn list(
     params(
         ("id" = Uuid, Path, description = "Community id"),
         ("user_id" = Uuid, Path, description = "The member's hub user id"),
-        MemberQueryParams,
+        ConsistencyParams,
     ),
     responses(
         (status = 200, description = "The member", body = MemberResponse),
@@ -373,13 +376,12 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     auth: AuthUser,
     Path(path): Path<MemberPath>,
-    Query(params): Query<MemberQueryParams>,
+    min: MinPosition,
 ) -> Result<Json<MemberResponse>, ApiError> {
-    let min_position = parse_min_position(params.min_position.as_deref())?;
-    let access = CommunityAccess::load(&state, &auth, path.id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     access.require_member()?;
-    read::await_members(&state, min_position).await?;
-    match read::get_member(&state, path.id, path.user_id).await? {
+    let member = members::get_member(state.pool(), path.id, path.user_id);
+    match read::after(&state, members::NAME, min, member).await? {
         Some(member) => Ok(Json(member.into())),
         None => Err(ApiError::not_found("member")),
     }
@@ -405,7 +407,7 @@ pub(crate) async fn change_role(
     Path(path): Path<MemberPath>,
     Json(body): Json<ChangeRoleRequest>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let access = CommunityAccess::load(&state, &auth, path.id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     let actor_role = access.require_member()?;
     let ctx = Ctx::new(&auth, meta);
     let membership = membership_id(path.id, path.user_id).to_string();
@@ -439,7 +441,7 @@ pub(crate) async fn remove(
     meta: RequestMeta,
     Path(path): Path<MemberPath>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let access = CommunityAccess::load(&state, &auth, path.id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     let ctx = Ctx::new(&auth, meta);
     let membership = membership_id(path.id, path.user_id).to_string();
     let result = if path.user_id == auth.user_id {
@@ -496,7 +498,7 @@ pub(crate) async fn ban(
     Path(path): Path<MemberPath>,
     JsonOrEmpty(body): JsonOrEmpty<BanRequest>,
 ) -> Result<(StatusCode, Json<CommandResult>), ApiError> {
-    let access = CommunityAccess::load(&state, &auth, path.id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     let actor_role = access.require_member()?;
     if path.user_id != auth.user_id {
         require_user(&state, path.user_id).await?;
@@ -535,7 +537,7 @@ pub(crate) async fn unban(
     meta: RequestMeta,
     Path(path): Path<MemberPath>,
 ) -> Result<Json<CommandResult>, ApiError> {
-    let access = CommunityAccess::load(&state, &auth, path.id).await?;
+    let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     let actor_role = access.require_member()?;
     let ctx = Ctx::new(&auth, meta);
     let membership = membership_id(path.id, path.user_id).to_string();
@@ -544,6 +546,16 @@ pub(crate) async fn unban(
     })
     .await?;
     Ok(Json(result))
+}
+
+/// This resource's routes. One `routes!` per path: utoipa-axum mounts each handler of a group on
+/// every path of the group.
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(add, list))
+        .routes(routes!(get, remove))
+        .routes(routes!(change_role))
+        .routes(routes!(ban, unban))
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
-//! The handlers, one module per resource, and the route table.
+//! The handlers, one module per resource; each module's `router()` holds its routes, and
+//! [`api_router`] merges them (with the operations and the OpenAPI document's own).
 
 use axum::http::StatusCode;
 use rookery_events::Platform;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use crate::commands::CommandResult;
 use crate::error::ApiError;
@@ -18,31 +18,15 @@ pub mod members;
 pub mod ops;
 pub mod users;
 
-/// Every documented route. One `routes!` per path: utoipa-axum mounts each handler of a
-/// `routes!` group on every path of the group, so mixing paths would mount handlers twice.
+/// Every route, each documented in the OpenAPI document.
 pub(crate) fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(auth::register))
-        .routes(routes!(auth::login))
-        .routes(routes!(auth::refresh))
-        .routes(routes!(auth::logout))
-        .routes(routes!(users::me))
-        .routes(routes!(users::link_identity))
-        .routes(routes!(users::unlink_identity))
-        .routes(routes!(communities::create))
-        .routes(routes!(communities::get, communities::update))
-        .routes(routes!(communities::link_platform))
-        .routes(routes!(communities::unlink_platform))
-        .routes(routes!(communities::archive))
-        .routes(routes!(members::add, members::list))
-        .routes(routes!(members::get, members::remove))
-        .routes(routes!(members::change_role))
-        .routes(routes!(members::ban, members::unban))
-        .routes(routes!(ops::health))
-        .routes(routes!(ops::ready))
-        .routes(routes!(ops::metrics))
-        .routes(routes!(openapi::openapi_document))
-        .routes(routes!(openapi::docs_page))
+        .merge(auth::router())
+        .merge(users::router())
+        .merge(communities::router())
+        .merge(members::router())
+        .merge(ops::router())
+        .merge(openapi::router())
 }
 
 /// 201 when a POST wrote something, 200 when it was already so (idempotent repeat).

@@ -11,9 +11,10 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, FieldError};
 use crate::extract::Json;
-use crate::metrics::render_gauge;
 use crate::openapi::Unavailable;
 use crate::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// How long a readiness probe waits for Postgres.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -135,17 +136,17 @@ async fn pending_migrations(pool: &sqlx::PgPool) -> Result<Vec<i64>, sqlx::Error
         .collect())
 }
 
-/// Prometheus metrics: command and HTTP latency histograms and counters, plus gauges computed now
-/// from Postgres (relay lag, projection lag per projection).
+/// Prometheus metrics: what every part of the process recorded (commands, HTTP requests, relay
+/// and projection batches, events, cursor), plus gauges computed now from Postgres (relay lag,
+/// projection lag, state and dead letters per projection).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let mut text = state.metrics().render();
-    if let Err(e) = system_gauges(&state, &mut text).await {
-        // Still serve the in-process series: a scrape is most useful when things go wrong.
+    if let Err(e) = system_gauges(&state).await {
+        // Still serve the recorded series: a scrape is most useful when things go wrong.
         tracing::warn!(error = %format!("{e:#}"), "metrics: cannot compute lag gauges");
     }
-    let mut response = text.into_response();
+    let mut response = state.metrics().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -153,25 +154,22 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     response
 }
 
-async fn system_gauges(state: &AppState, out: &mut String) -> anyhow::Result<()> {
+/// Sets the gauges that describe the whole system, read from Postgres and the bus now.
+async fn system_gauges(state: &AppState) -> anyhow::Result<()> {
     use anyhow::Context;
+    use metrics::gauge;
     use rookery_projections::ProjectionState::{Failed, Paused, Rebuilding, Running};
 
+    let stream = state.config().stream.clone();
     if let Some(bus) = state.bus() {
-        let stream = state.config().stream.clone();
-        render_gauge(
-            out,
-            "rookery_nats_connected",
-            "Whether this process is connected to NATS.",
-            &[(
-                vec![("stream", stream)],
-                if bus.is_connected() { 1.0 } else { 0.0 },
-            )],
-        );
+        gauge!("rookery_nats_connected", "stream" => stream.clone()).set(if bus.is_connected() {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     let pool = state.pool();
-    let stream = state.config().stream.clone();
     let cursor = rookery_store::relay::load_cursor(pool, &stream)
         .await
         .context("loading the relay cursor")?;
@@ -185,61 +183,33 @@ async fn system_gauges(state: &AppState, out: &mut String) -> anyhow::Result<()>
     .fetch_one(pool)
     .await
     .context("measuring relay lag")?;
-    let labels = || vec![("stream", stream.clone())];
-    render_gauge(
-        out,
-        "rookery_relay_lag_events",
-        "Committed events not yet confirmed on the bus.",
-        &[(labels(), events as f64)],
-    );
-    render_gauge(
-        out,
-        "rookery_relay_lag_seconds",
-        "Age of the oldest committed event not yet confirmed on the bus (0 when none).",
-        &[(labels(), seconds)],
-    );
+    gauge!("rookery_relay_lag_events", "stream" => stream.clone()).set(events as f64);
+    gauge!("rookery_relay_lag_seconds", "stream" => stream).set(seconds);
 
     let projections = rookery_projections::status(pool, state.config().partitions)
         .await
         .context("reading projection status")?;
-    let mut events = Vec::new();
-    let mut seconds = Vec::new();
-    let mut dead = Vec::new();
-    let mut states = Vec::new();
     for p in &projections {
-        let labels = vec![("projection", p.name.clone())];
-        events.push((labels.clone(), p.lag_events as f64));
-        seconds.push((labels.clone(), p.lag_seconds));
-        dead.push((labels, p.dead_letters as f64));
+        let name = p.name.clone();
+        gauge!("rookery_projection_lag_events", "projection" => name.clone())
+            .set(p.lag_events as f64);
+        gauge!("rookery_projection_lag_seconds", "projection" => name.clone()).set(p.lag_seconds);
+        gauge!("rookery_projection_dead_letters", "projection" => name.clone())
+            .set(p.dead_letters as f64);
         // One series per state, 1 for the current one: alerts can match `state="failed"`.
-        for state in [Running, Paused, Rebuilding, Failed] {
-            let labels = vec![("projection", p.name.clone()), ("state", state.to_string())];
-            states.push((labels, if p.state == state { 1.0 } else { 0.0 }));
+        for s in [Running, Paused, Rebuilding, Failed] {
+            gauge!("rookery_projection_state", "projection" => name.clone(), "state" => s.to_string())
+                .set(if p.state == s { 1.0 } else { 0.0 });
         }
     }
-    render_gauge(
-        out,
-        "rookery_projection_lag_events",
-        "Committed events a projection has not applied yet.",
-        &events,
-    );
-    render_gauge(
-        out,
-        "rookery_projection_lag_seconds",
-        "Age of the oldest committed event a projection has not applied yet (0 when none).",
-        &seconds,
-    );
-    render_gauge(
-        out,
-        "rookery_projection_dead_letters",
-        "Poison events parked by a projection and not yet retried or skipped.",
-        &dead,
-    );
-    render_gauge(
-        out,
-        "rookery_projection_state",
-        "A projection's state (1 for the current one).",
-        &states,
-    );
     Ok(())
+}
+
+/// This resource's routes. One `routes!` per path: utoipa-axum mounts each handler of a group on
+/// every path of the group.
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
 }

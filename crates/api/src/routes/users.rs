@@ -17,6 +17,8 @@ use crate::openapi::{
 };
 use crate::routes::{created_or_ok, parse_platform};
 use crate::state::AppState;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct UserResponse {
@@ -146,4 +148,13 @@ pub(crate) async fn unlink_identity(
     )
     .await?;
     Ok(Json(result))
+}
+
+/// This resource's routes. One `routes!` per path: utoipa-axum mounts each handler of a group on
+/// every path of the group.
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(me))
+        .routes(routes!(link_identity))
+        .routes(routes!(unlink_identity))
 }

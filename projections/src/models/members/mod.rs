@@ -26,12 +26,10 @@ pub mod fold;
 mod queries;
 
 pub use fold::Identity;
-pub use queries::{
-    get_member, list_members, member_count, MemberPage, MemberQuery, MemberSort, MemberView,
-    QueryError, DEFAULT_LIMIT, MAX_LIMIT,
-};
+pub use queries::{get_member, list_members, member_count, MemberQuery, MemberSort, MemberView};
 
-use crate::projection::{BulkFold, BulkStart, Projection, TableNames};
+use crate::engine::{BulkFold, BulkStart, Projection, TableNames};
+use crate::support::copy_in;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fold::{Fold, MemberRow, UserRow};
@@ -61,6 +59,10 @@ impl Projection for MembersProjection {
 
     fn tables(&self) -> &'static [&'static str] {
         TABLES
+    }
+
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["membership", "user"]
     }
 
     fn apply<'a>(
@@ -314,7 +316,7 @@ async fn write(
         .into_iter()
         .partition(|(_, slot)| insert == Insert::Copy && !slot.stored);
     if !copy_users.is_empty() {
-        crate::rebuild::copy_in(
+        copy_in(
             conn,
             &format!(
                 "COPY {} (user_id, username, identities) FROM STDIN (FORMAT binary)",
@@ -336,7 +338,7 @@ async fn write(
         .into_iter()
         .partition(|(_, _, stored)| insert == Insert::Copy && !stored);
     if !copy_members.is_empty() {
-        crate::rebuild::copy_in(
+        copy_in(
             conn,
             &format!(
                 "COPY {} (community_id, user_id, username, role, status, joined_at, updated_at,

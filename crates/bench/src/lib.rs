@@ -27,8 +27,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use crate::config::Config;
 pub use report::{Figure, Report};
+use rookery_app::Config;
 
 /// What `rookery bench` was asked to do.
 #[derive(Clone, Debug)]
@@ -211,7 +211,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let outcome = tokio::select! {
         outcome = scenarios::run_all(&mut env, &plan, &selected, &progress) => outcome,
-        () = crate::application::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+        () = rookery_app::application::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     progress.status("removing the bench database and streams");
     env.remove().await;

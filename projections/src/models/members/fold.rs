@@ -1,18 +1,18 @@
 //! The members fold, pure: rows in, events in order, rows out. No I/O, no clock.
 
-use crate::projection::{occurred_at, raw_occurred_at, PoisonEvent, RawEvent};
-use crate::rebuild::KeyHashState;
+use crate::engine::{EventRef, PoisonEvent};
+use crate::support::KeyHashState;
 use chrono::{DateTime, Utc};
 use rookery_events::recorded::AnyEvent;
 use rookery_events::UserEvent;
-use rookery_events::{LogPosition, MemberStatus, MembershipEvent, Platform, RecordedEvent, Role};
+use rookery_events::{LogPosition, MemberStatus, MembershipEvent, Platform, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 /// A platform account linked to a hub user.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub platform: Platform,
     pub platform_user_id: String,
@@ -54,81 +54,24 @@ pub enum Change {
     },
 }
 
-/// Decodes a batch; community events and unknown aggregates are not this projection's business
-/// and are dropped. An event that does not decode is poison.
-pub fn decode(events: &[RecordedEvent]) -> Result<Vec<Change>, PoisonEvent> {
-    decode_each(events)
-}
-
-/// [`decode`] of a rebuild's raw events: the same changes, the same poison.
-pub fn decode_raw(events: &[RawEvent]) -> Result<Vec<Change>, PoisonEvent> {
-    decode_each(events)
-}
-
-/// What [`decode_each`] needs of an event, so that recorded and raw events share one decoder.
-trait Source {
-    fn position(&self) -> LogPosition;
-    fn event_type(&self) -> &str;
-    fn aggregate_id(&self) -> &str;
-    fn any(&self) -> Result<AnyEvent, serde_json::Error>;
-    fn at(&self) -> Result<DateTime<Utc>, PoisonEvent>;
-}
-
-impl Source for RecordedEvent {
-    fn position(&self) -> LogPosition {
-        self.position
-    }
-    fn event_type(&self) -> &str {
-        &self.event_type
-    }
-    fn aggregate_id(&self) -> &str {
-        &self.aggregate_id
-    }
-    fn any(&self) -> Result<AnyEvent, serde_json::Error> {
-        self.decode()
-    }
-    fn at(&self) -> Result<DateTime<Utc>, PoisonEvent> {
-        occurred_at(self)
-    }
-}
-
-impl Source for RawEvent {
-    fn position(&self) -> LogPosition {
-        self.position
-    }
-    fn event_type(&self) -> &str {
-        &self.event_type
-    }
-    fn aggregate_id(&self) -> &str {
-        &self.aggregate_id
-    }
-    fn any(&self) -> Result<AnyEvent, serde_json::Error> {
-        self.decode()
-    }
-    fn at(&self) -> Result<DateTime<Utc>, PoisonEvent> {
-        raw_occurred_at(self)
-    }
-}
-
-fn decode_each<E: Source>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
-    let poison = |e: &E, reason: String| PoisonEvent {
-        position: e.position(),
-        reason,
-    };
+/// Decodes a batch (live deliveries or a rebuild's raw events alike); community events and
+/// unknown aggregates are not this projection's business and are dropped. An event that does
+/// not decode is poison.
+pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
     let mut out = Vec::with_capacity(events.len());
     for e in events {
         let decoded = e
-            .any()
-            .map_err(|err| poison(e, format!("{} does not decode: {err}", e.event_type())))?;
+            .decode()
+            .map_err(|err| e.poison(format!("{} does not decode: {err}", e.event_type())))?;
         match decoded {
             AnyEvent::User(event) => {
                 let user_id = match &event {
                     UserEvent::UserRegistered { user_id, .. } => *user_id,
                     _ => Uuid::parse_str(e.aggregate_id()).map_err(|err| {
-                        poison(
-                            e,
-                            format!("user id `{}` is not a UUID: {err}", e.aggregate_id()),
-                        )
+                        e.poison(format!(
+                            "user id `{}` is not a UUID: {err}",
+                            e.aggregate_id()
+                        ))
                     })?,
                 };
                 out.push(Change::User { user_id, event });
@@ -136,7 +79,7 @@ fn decode_each<E: Source>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
             AnyEvent::Membership(event) => {
                 out.push(Change::Membership {
                     event,
-                    at: e.at()?,
+                    at: e.occurred_at()?,
                     key: e.position(),
                 });
             }

@@ -1,33 +1,16 @@
 //! Reads of the members model: keyset-paginated lists, one member, the active count.
 
 use super::fold::Identity;
-use base64::Engine as _;
+use crate::support::paging::{self, Cursor, Page, QueryError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use rookery_events::{MemberStatus, Role};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-pub const DEFAULT_LIMIT: u32 = 50;
-pub const MAX_LIMIT: u32 = 200;
-
-/// Why a members query was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    /// Return 400 Bad Request: the cursor was not produced by this list with this sort.
-    #[error("`cursor` is not valid for this list; pass the `next_cursor` of the previous page")]
-    BadCursor,
-    /// Return 400 Bad Request.
-    #[error("`limit` must be between 1 and {MAX_LIMIT}")]
-    BadLimit,
-    /// Return 500 (log the cause chain).
-    #[error("reading the members read model")]
-    Db(#[from] sqlx::Error),
-}
-
 /// List order. Both are ascending and tie-broken by user id, so pages never overlap or skip.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberSort {
     /// Longest-standing members first.
@@ -37,7 +20,8 @@ pub enum MemberSort {
 }
 
 impl MemberSort {
-    fn tag(self) -> &'static str {
+    /// Its name in cursors (and in the API).
+    pub fn tag(self) -> &'static str {
         match self {
             MemberSort::JoinedAt => "joined_at",
             MemberSort::Username => "username",
@@ -53,14 +37,14 @@ pub struct MemberQuery {
     pub status: Option<MemberStatus>,
     #[serde(default)]
     pub sort: MemberSort,
-    /// 1..=200, default 50.
+    /// 1 to [`paging::MAX_LIMIT`], default [`paging::DEFAULT_LIMIT`].
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
 /// A member as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberView {
     pub community_id: Uuid,
     pub user_id: Uuid,
@@ -73,22 +57,6 @@ pub struct MemberView {
     pub identities: Vec<Identity>,
 }
 
-/// One page of a members list.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct MemberPage {
-    pub items: Vec<MemberView>,
-    pub next_cursor: Option<String>,
-}
-
-/// The cursor's content: the last item's sort key and user id. Opaque to clients (base64url of
-/// this JSON), and tagged with its sort so it cannot be replayed against the other order.
-#[derive(Serialize, Deserialize)]
-struct Cursor {
-    s: String,
-    k: String,
-    u: Uuid,
-}
-
 const COLUMNS: &str = "m.community_id, m.user_id, m.username, m.role, m.status, m.joined_at, \
      m.updated_at, COALESCE(u.identities, '[]'::jsonb) AS identities";
 
@@ -97,11 +65,8 @@ pub async fn list_members(
     pool: &PgPool,
     community_id: Uuid,
     query: &MemberQuery,
-) -> Result<MemberPage, QueryError> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(QueryError::BadLimit);
-    }
+) -> Result<Page<MemberView>, QueryError> {
+    let limit = paging::limit(query.limit)?;
     let after = query
         .cursor
         .as_deref()
@@ -130,12 +95,11 @@ pub async fn list_members(
             String::new()
         }
     );
-    let fetch = i64::from(limit) + 1;
     let mut q = sqlx::query(&sql)
         .bind(community_id)
         .bind(status.as_str())
         .bind(query.role.map(Role::as_str))
-        .bind(fetch);
+        .bind(paging::fetch_size(limit));
     if let Some((key, user_id)) = &after {
         q = match key {
             SortKey::JoinedAt(t) => q.bind(*t),
@@ -144,14 +108,10 @@ pub async fn list_members(
         q = q.bind(*user_id);
     }
     let rows = q.fetch_all(pool).await?;
-    let mut items = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|last| encode_cursor(query.sort, last))
-    } else {
-        None
-    };
-    Ok(MemberPage { items, next_cursor })
+    let items = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_rows(items, limit, |last| {
+        encode_cursor(query.sort, last)
+    }))
 }
 
 /// One member of a community (any status), if the read model has them.
@@ -213,37 +173,24 @@ enum SortKey {
 }
 
 fn encode_cursor(sort: MemberSort, last: &MemberView) -> String {
-    let k = match sort {
+    let key = match sort {
         MemberSort::JoinedAt => last.joined_at.to_rfc3339_opts(SecondsFormat::Micros, true),
         MemberSort::Username => last.username.clone(),
     };
-    let cursor = Cursor {
-        s: sort.tag().to_string(),
-        k,
-        u: last.user_id,
-    };
-    // Serializing three plain fields cannot fail; an empty cursor would only restart the list.
-    let json = serde_json::to_vec(&cursor).unwrap_or_default();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    Cursor::new(sort.tag(), key, last.user_id).encode()
 }
 
 fn decode_cursor(token: &str, sort: MemberSort) -> Result<(SortKey, Uuid), QueryError> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token.trim())
-        .map_err(|_| QueryError::BadCursor)?;
-    let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| QueryError::BadCursor)?;
-    if cursor.s != sort.tag() {
-        return Err(QueryError::BadCursor);
-    }
+    let cursor = Cursor::decode(token, sort.tag())?;
     let key = match sort {
         MemberSort::JoinedAt => SortKey::JoinedAt(
-            DateTime::parse_from_rfc3339(&cursor.k)
+            DateTime::parse_from_rfc3339(&cursor.key)
                 .map_err(|_| QueryError::BadCursor)?
                 .with_timezone(&Utc),
         ),
-        MemberSort::Username => SortKey::Username(cursor.k),
+        MemberSort::Username => SortKey::Username(cursor.key),
     };
-    Ok((key, cursor.u))
+    Ok((key, cursor.id))
 }
 
 #[cfg(test)]

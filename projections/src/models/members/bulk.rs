@@ -11,8 +11,8 @@
 
 use super::fold::{self, Fold};
 use super::{load_members, load_users, write, Insert, Tables};
-use crate::projection::{BulkFold, BulkStart, BulkWrite, NeedKeys, RawEvent};
-use crate::rebuild::{key_hash, KeyFilter, KeyHashState};
+use crate::engine::{BulkFold, BulkStart, BulkWrite, NeedKeys, RawEvent};
+use crate::support::{key_hash, KeyFilter, KeyHashState};
 use anyhow::{bail, Context as _};
 use futures::future::BoxFuture;
 use futures::TryStreamExt as _;
@@ -126,7 +126,7 @@ impl MembersBulk {
         events: &[RawEvent],
     ) -> anyhow::Result<()> {
         // Decoding first: a poison event fails the batch before anything changed.
-        let changes = fold::decode_raw(events)?;
+        let changes = fold::decode(events)?;
         if changes.is_empty() {
             return Ok(());
         }

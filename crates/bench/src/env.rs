@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::report::Progress;
 use super::Plan;
-use crate::application::{Application, Mode};
-use crate::config::Config;
+use crate::report::Progress;
+use rookery_app::Config;
+use rookery_app::{Application, Mode};
 
 /// Communities the fixture creates; joins spread over them.
 const COMMUNITIES: usize = 32;
@@ -168,7 +168,7 @@ impl Env {
         let addr = app
             .local_addr()
             .ok_or_else(|| anyhow::anyhow!("the application does not listen"))?;
-        let members = app.projection_stats(rookery_projections::members::NAME);
+        let members = app.projection_stats(rookery_projections::models::members::NAME);
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
         self.apps.push(RunningApp {

@@ -1,15 +1,17 @@
 //! What operators see: each projection's state, position, lag, errors and parked events.
 
-use crate::consistency::APPLIED_CTE;
+use super::consistency::APPLIED_CTE;
+use super::state::{self, ProjectionStateRow};
+use super::{checkpoints, dead_letters, locks, Projection};
 use chrono::{DateTime, Utc};
 use rookery_events::LogPosition;
-use rookery_store::checkpoints::{self, ProjectionStateRow};
 use serde::Serialize;
 use sqlx::PgPool;
 use std::fmt;
+use std::sync::Arc;
 
 /// A projection's state as shown to operators.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProjectionState {
     Running,
@@ -31,14 +33,12 @@ impl fmt::Display for ProjectionState {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PartitionStatus {
     pub partition: u32,
     /// Last applied log key (`"txid.gpos"`).
-    #[schema(value_type = String)]
     pub position: LogPosition,
     /// Every event of the partition at or below this key is applied.
-    #[schema(value_type = String)]
     pub floor: LogPosition,
     pub stream_seq: u64,
     pub applied: i64,
@@ -47,11 +47,10 @@ pub struct PartitionStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RebuildStatus {
     pub version: i32,
     /// The shadow tables hold everything up to here.
-    #[schema(value_type = String)]
     pub position: LogPosition,
     pub done: i64,
     pub total: i64,
@@ -60,7 +59,7 @@ pub struct RebuildStatus {
     pub running: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProjectionStatus {
     pub name: String,
     /// Version of the code that built the live tables.
@@ -68,7 +67,6 @@ pub struct ProjectionStatus {
     pub state: ProjectionState,
     pub paused: bool,
     /// Every event at or below this key is applied in every partition (`None`: nothing yet).
-    #[schema(value_type = Option<String>)]
     pub position: Option<LogPosition>,
     pub partitions: Vec<PartitionStatus>,
     /// Committed events not applied yet.
@@ -81,15 +79,20 @@ pub struct ProjectionStatus {
     pub rebuild: Option<RebuildStatus>,
 }
 
-/// Status of every projection this build knows plus any other registered in the database.
-pub async fn status(pool: &PgPool, partitions: u32) -> anyhow::Result<Vec<ProjectionStatus>> {
-    let states = checkpoints::list_states(pool).await?;
-    let dead = checkpoints::count_dead_letters(pool).await?;
+/// Status of each of `known` (the projections this build runs) plus any other registered in the
+/// database.
+pub async fn status(
+    pool: &PgPool,
+    partitions: u32,
+    known: &[Arc<dyn Projection>],
+) -> anyhow::Result<Vec<ProjectionStatus>> {
+    let states = state::list_states(pool).await?;
+    let dead = dead_letters::count_dead_letters(pool).await?;
     let mut names: Vec<(String, i32)> = states
         .iter()
         .map(|s| (s.projection.clone(), s.version))
         .collect();
-    for p in crate::all() {
+    for p in known {
         if !names.iter().any(|(n, _)| n == p.name()) {
             names.push((p.name().to_string(), p.version()));
         }
@@ -161,7 +164,7 @@ async fn one(
             done: r.done,
             total: r.total,
             started_at: r.started_at,
-            running: checkpoints::rebuild_running(pool, name).await?,
+            running: locks::rebuild_running(pool, name).await?,
         }),
         None => None,
     };

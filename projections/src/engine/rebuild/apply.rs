@@ -1,0 +1,118 @@
+//! Folding through the projection's own `apply`, a batch per transaction that also saves the
+//! rebuild cursor (in the switch, a savepoint of its transaction). Poison events are parked with
+//! the batch that leaves them out.
+
+use super::reader::Reader;
+use super::{dead_letters, state, Rebuild, RebuildProgress};
+use crate::engine::dead_letters::{NewDeadLetter, ParkedBy};
+use crate::engine::projection::PoisonEvent;
+use anyhow::Context as _;
+use rookery_events::{LogPosition, RecordedEvent};
+use rookery_store::log::LogEntry;
+use sqlx::PgConnection;
+
+impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
+    /// Folds `(after, upto]` into the shadow tables. Outside the switch (`conn` is `None`) each
+    /// batch is its own transaction saving the cursor; in the switch, batches run in savepoints
+    /// of the switch transaction. Returns the new cursor.
+    pub(super) async fn fold(
+        &mut self,
+        mut conn: Option<&mut PgConnection>,
+        after: LogPosition,
+        upto: LogPosition,
+    ) -> anyhow::Result<LogPosition> {
+        if self.bulk.is_some() {
+            return self.fold_bulk(conn, after, upto).await;
+        }
+        let mut cursor = after;
+        // Reading the next batch overlaps applying this one.
+        let mut reader = Reader::spawn(self.pool.clone(), after, upto, self.config.batch_size);
+        while let Some(batch) = reader.next().await {
+            let batch = batch.context("reading the log")?;
+            let Some(last) = batch.last().map(|e| e.event.position) else {
+                continue;
+            };
+            self.apply_batch(conn.as_deref_mut(), &batch, last).await?;
+            cursor = last;
+            self.done += batch.len() as u64;
+            self.folded += batch.len() as u64;
+            self.report_progress();
+        }
+        Ok(cursor)
+    }
+
+    /// Applies one batch (minus excluded events) and saves the cursor, parking poison events and
+    /// retrying without them.
+    pub(super) async fn apply_batch(
+        &mut self,
+        conn: Option<&mut PgConnection>,
+        batch: &[LogEntry],
+        last: LogPosition,
+    ) -> anyhow::Result<()> {
+        let name = self.projection.name();
+        let mut outer = conn;
+        let mut new_poison: Vec<(usize, String)> = Vec::new();
+        loop {
+            let mut tx = match outer.as_deref_mut() {
+                Some(c) => sqlx::Connection::begin(c).await?,
+                None => {
+                    let mut tx = self.pool.begin().await?;
+                    // Losing the last shadow commits in a crash is harmless (the cursor is lost
+                    // with them; the resume redoes them), so do not wait for the disk.
+                    sqlx::query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *tx)
+                        .await?;
+                    tx
+                }
+            };
+            let events: Vec<RecordedEvent> = batch
+                .iter()
+                .filter(|e| {
+                    self.projection.folds(&e.event.aggregate_type)
+                        && !self.excluded.contains(&e.event.position)
+                })
+                .map(|e| e.event.clone())
+                .collect();
+            match self.projection.apply(&mut tx, &self.shadow, &events).await {
+                Ok(()) => {}
+                Err(e) => {
+                    let Some(p) = PoisonEvent::find(&e) else {
+                        return Err(e);
+                    };
+                    let Some(i) = batch.iter().position(|x| x.event.position == p.position) else {
+                        return Err(e);
+                    };
+                    if !self.excluded.insert(p.position) {
+                        return Err(e);
+                    }
+                    tracing::warn!(projection = name, position = %p.position, reason = %p.reason, "poison event; parking it");
+                    new_poison.push((i, p.to_string()));
+                    // Dropping `tx` rolls the batch (or its savepoint) back.
+                    continue;
+                }
+            }
+            for (i, reason) in &new_poison {
+                let entry = &batch[*i];
+                let letter = NewDeadLetter {
+                    projection: name,
+                    partition: entry.partition(self.partitions),
+                    stream_seq: None,
+                    position: Some(entry.event.position),
+                    message_id: Some(entry.event.message_id()),
+                    event: serde_json::to_value(&entry.event).ok(),
+                    error: reason,
+                    attempts: 1,
+                    parked_by: ParkedBy::Rebuild,
+                };
+                dead_letters::park(&mut tx, &letter).await?;
+            }
+            let done = i64::try_from(self.done + batch.len() as u64).unwrap_or(i64::MAX);
+            let total =
+                i64::try_from(self.total.max(self.done + batch.len() as u64)).unwrap_or(i64::MAX);
+            state::save_rebuild_cursor(&mut tx, name, last, done, total).await?;
+            tx.commit().await?;
+            self.parked += new_poison.len() as u64;
+            return Ok(());
+        }
+    }
+}

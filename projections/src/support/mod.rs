@@ -1,0 +1,16 @@
+//! Building blocks read models share, so that no model copies another's or reaches into the
+//! engine's rebuild for them.
+//!
+//! # Layout
+//! - [`copy`]: rows in PostgreSQL's binary `COPY` format ([`copy_in`]), for bulk folds.
+//! - [`hash`]: a fast keyed hasher for rows held in memory and a Bloom filter of stored keys.
+//! - [`paging`]: keyset pagination (limits, opaque cursors, [`Page`]) and the one
+//!   [`QueryError`] every model's queries return.
+
+pub mod copy;
+pub mod hash;
+pub mod paging;
+
+pub use copy::{copy_in, CopyRows};
+pub use hash::{key_hash, KeyFilter, KeyHashState};
+pub use paging::{Cursor, Page, QueryError, DEFAULT_LIMIT, MAX_LIMIT};
