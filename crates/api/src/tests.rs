@@ -278,7 +278,10 @@ async fn metrics_render_without_a_database() {
     let call = |uri: &str| {
         router(state.clone()).oneshot(Request::get(uri).body(Body::empty()).expect("req"))
     };
-    assert_eq!(call("/health").await.expect("infallible").status(), StatusCode::OK);
+    assert_eq!(
+        call("/health").await.expect("infallible").status(),
+        StatusCode::OK
+    );
     let response = call("/metrics").await.expect("infallible");
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers()[header::CONTENT_TYPE]
@@ -289,7 +292,9 @@ async fn metrics_render_without_a_database() {
         .expect("body");
     let text = String::from_utf8_lossy(&body);
     assert!(
-        text.contains("rookery_http_requests_total{method=\"GET\",route=\"/health\",status=\"200\"}"),
+        text.contains(
+            "rookery_http_requests_total{method=\"GET\",route=\"/health\",status=\"200\"}"
+        ),
         "{text}"
     );
     assert!(text.contains("# TYPE rookery_http_request_duration_seconds histogram"));
