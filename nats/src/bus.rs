@@ -475,8 +475,9 @@ async fn ensure_stream(js: &jetstream::Context, config: &BusConfig) -> anyhow::R
         if changed.contains(&"storage") {
             bail!(
                 "stream {name} exists with {:?} storage but Rookery needs file storage, which \
-                 JetStream cannot change in place; delete the stream (the relay re-seeds it with \
-                 `rookery bus republish`) or configure another stream name",
+                 JetStream cannot change in place; delete the stream (the log stays in Postgres and \
+                 read models keep their checkpoints; new events flow into the new stream) or \
+                 configure another stream name",
                 have.storage
             );
         }

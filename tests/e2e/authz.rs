@@ -28,8 +28,71 @@ async fn rejected_without_events(
     problem
 }
 
+/// A token scoped to one community reaches nothing of another, even where its user is the
+/// owner: every request is the 404 of a community that does not exist, and stores nothing.
+/// The same token works on its own community.
 #[tokio::test]
-async fn a_token_of_one_community_cannot_touch_another() {
+async fn a_token_scoped_to_one_community_cannot_touch_another() {
+    let app = spawn_app().await;
+    let owner = app.user("scoped-owner").await;
+    let (private_a, _) = app.community(&owner, "scoped-private-a", false).await;
+    let (public_b, _) = app.community(&owner, "scoped-public-b", true).await;
+    let (scope, _) = app.community(&owner, "scoped-home", true).await;
+    let token = app.scoped_token(&owner, scope);
+    let t = Some(token.as_str());
+
+    for c in [private_a, public_b] {
+        for (method, path, body) in [
+            (Method::GET, format!("/v1/communities/{c}"), None),
+            (Method::GET, format!("/v1/communities/{c}/members"), None),
+            (
+                Method::GET,
+                format!("/v1/communities/{c}/members/{}", owner.id),
+                None,
+            ),
+            (
+                Method::PATCH,
+                format!("/v1/communities/{c}"),
+                Some(json!({"display_name": "pwned"})),
+            ),
+            (
+                Method::POST,
+                format!("/v1/communities/{c}/platforms"),
+                Some(json!({"platform": "twitch", "server_id": "x1"})),
+            ),
+            (Method::POST, format!("/v1/communities/{c}/members"), None),
+            (
+                Method::POST,
+                format!("/v1/communities/{c}/archive"),
+                Some(json!({})),
+            ),
+        ] {
+            rejected_without_events(&app, method, &path, t, body, StatusCode::NOT_FOUND).await;
+        }
+    }
+    // Its own community: the owner's rights hold.
+    let (s, body) = app
+        .send(
+            Method::PATCH,
+            &format!("/v1/communities/{scope}"),
+            t,
+            Some(json!({"display_name": "Scoped home"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = app
+        .send(Method::GET, &format!("/v1/communities/{scope}"), t, None)
+        .await;
+    assert_eq!(
+        (s, body["display_name"].as_str()),
+        (StatusCode::OK, Some("Scoped home"))
+    );
+}
+
+/// An ordinary token of someone who is not a member: a private community does not exist for
+/// them, a public one is visible but not manageable.
+#[tokio::test]
+async fn an_outsider_sees_no_private_community_and_manages_no_public_one() {
     let app = spawn_app().await;
     let owner_a = app.user("owner-a").await;
     let owner_b = app.user("owner-b").await;

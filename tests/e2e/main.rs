@@ -4,6 +4,8 @@
 mod auth;
 mod authz;
 mod flow;
+mod layout;
+mod migrations;
 mod ops;
 mod pipeline;
 mod recovery;

@@ -86,6 +86,76 @@ async fn min_position_not_yet_applied_times_out_with_503_and_retry_after() {
     assert!(p.to_string().contains("min_position"), "{p}");
 }
 
+/// The value of the series `name{labels}` in a Prometheus text exposition (`labels` as rendered,
+/// e.g. `projection="members"`).
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `/metrics` carries what the pipeline did, not only what the API did: per projection its
+/// batches, applied events and lag; the relay's published events (their rate is its
+/// throughput) and its cursor, at the position of the last command.
+#[tokio::test]
+async fn metrics_show_projection_batches_applied_events_lag_and_the_relay() {
+    let app = spawn_app().await;
+    let owner = app.user("metered").await;
+    let (c, created) = app.community(&owner, "metered-community", true).await;
+    let position = created["position"].as_str().unwrap().to_string();
+    let (status, _) = app
+        .send(
+            Method::GET,
+            &format!("/v1/communities/{c}/members?min_position={position}"),
+            Some(&owner.token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (txid, gpos) = position.split_once('.').unwrap();
+    let (txid, gpos): (f64, f64) = (txid.parse().unwrap(), gpos.parse().unwrap());
+
+    // The relay saves its cursor a moment after publishing: wait for the gauge to get there.
+    let stream = format!("stream=\"{}\"", app.config.stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = get_text(&app, "/metrics").await;
+        let cursor = (
+            sample(&text, "rookery_relay_cursor_txid", &stream),
+            sample(&text, "rookery_relay_cursor_gpos", &stream),
+        );
+        if cursor.0 > Some(txid) || (cursor.0 == Some(txid) && cursor.1 >= Some(gpos)) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay cursor {cursor:?} never reached {position}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let members = "projection=\"members\"";
+    let at_least = |name: &str, labels: &str, min: f64| {
+        let value = sample(&text, name, labels);
+        assert!(
+            value >= Some(min),
+            "{name}{{{labels}}} = {value:?}:\n{text}"
+        );
+    };
+    // A registration, the community's creation and the owner's join.
+    at_least("rookery_projection_batches_total", members, 1.0);
+    at_least("rookery_projection_events_applied_total", members, 3.0);
+    at_least("rookery_relay_events_published_total", &stream, 3.0);
+    at_least("rookery_relay_active", &stream, 1.0);
+    assert_eq!(
+        sample(&text, "rookery_projection_lag_events", members),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE rookery_projection_batch_duration_seconds histogram"));
+    assert!(text.contains("# HELP rookery_relay_events_published_total"));
+}
+
 async fn get_text(app: &rookery_tests::TestApp, path: &str) -> String {
     let resp = app.request(Method::GET, path, None).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "{path}");

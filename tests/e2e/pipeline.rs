@@ -1,13 +1,16 @@
 //! `rookery up`: the relay and the projection workers run on threads of their own, beside the
 //! API's runtime and behind it in CPU priority.
 
+use rookery_events::membership::membership_id;
+use rookery_events::{MembershipEvent, Role};
 use rookery_tests::spawn_app_with;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Counts `community`'s rows in the members read model from an OS thread of its own, polling
-/// until one appears or `deadline` passes.
-fn watch_members(database_url: String, community: Uuid, deadline: Duration) -> i64 {
+/// From an OS thread of its own: stores a `MemberJoined` of `user` in `community` straight into
+/// the log (as the event store would), then polls the members read model until the row
+/// appears or `deadline` passes. Returns whether it appeared.
+fn join_and_watch(database_url: String, community: Uuid, user: Uuid, deadline: Duration) -> bool {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -17,16 +20,34 @@ fn watch_members(database_url: String, community: Uuid, deadline: Duration) -> i
             let pool = sqlx::PgPool::connect(&database_url)
                 .await
                 .expect("watcher connects");
+            let joined = MembershipEvent::MemberJoined {
+                community_id: community,
+                user_id: user,
+                role: Role::Member,
+            };
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                     event_version, payload, metadata)
+                 VALUES ('membership', $1, 1, 'MemberJoined', '1.0', $2, $3)",
+            )
+            .bind(membership_id(community, user).to_string())
+            .bind(serde_json::to_value(&joined).expect("event json"))
+            .bind(serde_json::json!({ "occurred_at": chrono::Utc::now() }))
+            .execute(&pool)
+            .await
+            .expect("store the join");
             let until = tokio::time::Instant::now() + deadline;
             loop {
-                let n: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM members WHERE community_id = $1")
-                        .bind(community)
-                        .fetch_one(&pool)
-                        .await
-                        .expect("count members");
-                if n > 0 || tokio::time::Instant::now() >= until {
-                    return n;
+                let seen: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM members WHERE community_id = $1 AND user_id = $2)",
+                )
+                .bind(community)
+                .bind(user)
+                .fetch_one(&pool)
+                .await
+                .expect("read members");
+                if seen || tokio::time::Instant::now() >= until {
+                    return seen;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -36,20 +57,25 @@ fn watch_members(database_url: String, community: Uuid, deadline: Duration) -> i
     .expect("watcher thread")
 }
 
-/// The test's runtime has one thread, which also runs the API. Blocking it while the
-/// community's creation is still on its way to the read model leaves the event to the
-/// pipeline's own threads: the owner's membership must appear all the same.
+/// The test's runtime has one thread, which also runs the API. The join is stored only once
+/// that thread is blocked (inside `join_and_watch`), so the relay and the projection worker can
+/// only bring it to the read model on the pipeline's own threads.
 #[tokio::test]
 async fn the_pipeline_projects_while_the_api_runtime_is_blocked() {
     let app = spawn_app_with(|_| {}).await;
     let owner = app.user("owner").await;
     let (community, _) = app.community(&owner, "pipeline-fans", true).await;
 
-    // `join` blocks this thread: nothing on the test's runtime runs until the watcher returns.
-    let seen = watch_members(app.db.url.clone(), community, Duration::from_secs(15));
-    assert_eq!(
-        seen, 1,
-        "the owner's membership was projected while the API's runtime was blocked"
+    // Blocks this thread: nothing on the test's runtime runs until the watcher returns.
+    let seen = join_and_watch(
+        app.db.url.clone(),
+        community,
+        Uuid::new_v4(),
+        Duration::from_secs(15),
+    );
+    assert!(
+        seen,
+        "a join stored while the API's runtime was blocked reached the read model"
     );
 }
 

@@ -215,6 +215,15 @@ impl TestApp {
         (id, body)
     }
 
+    /// An access token of `user` scoped to `community` (a service token, as the CLI will mint):
+    /// signed with the app's secret, valid for the usual access TTL.
+    pub fn scoped_token(&self, user: &TestUser, community: Uuid) -> String {
+        let keys = rookery_api::auth::JwtKeys::new(&rookery_api::AuthConfig::new(JWT_SECRET));
+        let mut claims = keys.claims_for(user.id, chrono::Utc::now());
+        claims.community_id = Some(community);
+        keys.sign(&claims).expect("sign a scoped token")
+    }
+
     pub async fn event_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM events")
             .fetch_one(&self.db.pool)

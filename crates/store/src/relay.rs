@@ -101,7 +101,8 @@ pub async fn save_cursor(
     Ok(())
 }
 
-/// Resets the cursor (operators re-seeding the bus with `bus republish --from`).
+/// Moves the cursor to `position`: the relay publishes again from there, and the stream
+/// de-duplicates what it still holds (the bench and tests re-seed a stream this way).
 pub async fn reset_cursor(
     pool: &PgPool,
     stream: &str,

@@ -1,11 +1,11 @@
 //! Events as projections read them: [`RecordedEvent`]s from the bus, [`RawEvent`]s from a
 //! rebuild's scan of the log, and [`EventRef`], what a fold reads of either, so that one decoder
-//! serves both and they cannot disagree.
+//! serves both and they cannot disagree; [`PoisonEvent`], one that can never be applied.
 
-use super::projection::PoisonEvent;
 use chrono::{DateTime, Utc};
 use rookery_events::recorded::AnyEvent;
 use rookery_events::{EventMetadata, LogPosition, RecordedEvent};
+use std::fmt;
 
 /// An event as a rebuild reads it: a [`RecordedEvent`] whose payload and metadata are still the
 /// JSON text Postgres holds. Bulk folds decode it straight into their own types: building a
@@ -65,6 +65,42 @@ impl RawEvent {
             payload: serde_json::from_str(&self.payload)?,
             metadata: serde_json::from_str(&self.metadata)?,
         })
+    }
+}
+
+/// An event that can never be applied by this projection. Wrap it in the `anyhow::Error` that
+/// [`Projection::apply`](super::Projection::apply) returns; workers and rebuilds park the event (counted in
+/// `rookery projections status`, listed by [`dead_letters::list`](super::dead_letters::list))
+/// and apply the rest of the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoisonEvent {
+    pub position: LogPosition,
+    pub reason: String,
+}
+
+impl fmt::Display for PoisonEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "event at position {} cannot be applied: {}",
+            self.position, self.reason
+        )
+    }
+}
+
+impl std::error::Error for PoisonEvent {}
+
+impl PoisonEvent {
+    pub fn new(event: &RecordedEvent, reason: impl Into<String>) -> Self {
+        Self {
+            position: event.position,
+            reason: reason.into(),
+        }
+    }
+
+    /// The poison event an error chain carries, if any.
+    pub fn find(error: &anyhow::Error) -> Option<&PoisonEvent> {
+        error.chain().find_map(|e| e.downcast_ref::<PoisonEvent>())
     }
 }
 
@@ -219,5 +255,15 @@ mod tests {
                 assert_eq!(raw_occurred_at(&raw), occurred_at(&recorded));
             }
         }
+    }
+
+    #[test]
+    fn poison_is_found_through_context() {
+        let p = PoisonEvent {
+            position: LogPosition::new(1, 2),
+            reason: "bad".into(),
+        };
+        let err = anyhow::Error::new(p.clone()).context("applying members");
+        assert_eq!(PoisonEvent::find(&err), Some(&p));
     }
 }

@@ -4,10 +4,10 @@
 //! `…_projection_dead_letters.sql`).
 //!
 //! # Layout
-//! - [`projection`]: the [`Projection`] trait, [`TableNames`] (live vs shadow), [`PoisonEvent`],
-//!   a rebuild's optional fast path ([`BulkFold`]).
-//! - [`event`]: [`RawEvent`] (a rebuild's undecoded event) and [`EventRef`], what a fold reads
-//!   of an event from either source.
+//! - [`projection`]: the [`Projection`] trait, [`TableNames`] (live vs shadow), a rebuild's
+//!   optional fast path ([`BulkFold`]).
+//! - [`event`]: [`RawEvent`] (a rebuild's undecoded event), [`EventRef`] (what a fold reads of
+//!   an event from either source) and [`PoisonEvent`].
 //! - [`worker`]: the live worker, one task per partition.
 //! - [`mod@rebuild`]: rebuild without downtime into shadow tables, resumable.
 //! - [`checkpoints`]: per `(projection, partition)`, in the read model's transaction.
@@ -28,7 +28,5 @@ pub mod state;
 pub mod status;
 pub mod worker;
 
-pub use event::{EventRef, RawEvent};
-pub use projection::{
-    BulkFold, BulkStart, BulkWrite, NeedKeys, PoisonEvent, Projection, TableNames,
-};
+pub use event::{EventRef, PoisonEvent, RawEvent};
+pub use projection::{BulkFold, BulkStart, BulkWrite, NeedKeys, Projection, TableNames};

@@ -1,9 +1,9 @@
 //! The projection abstraction shared by live workers and rebuilds: [`Projection`], a rebuild's
-//! optional fast path ([`BulkFold`]), [`TableNames`] (live or shadow) and [`PoisonEvent`].
+//! optional fast path ([`BulkFold`]) and [`TableNames`] (live or shadow).
 
 use super::event::RawEvent;
 use futures::future::BoxFuture;
-use rookery_events::{LogPosition, RecordedEvent};
+use rookery_events::RecordedEvent;
 use sqlx::PgConnection;
 use std::fmt;
 
@@ -38,7 +38,7 @@ pub trait Projection: Send + Sync + 'static {
     /// Folds `events` (log order) into the tables named by `tables`.
     ///
     /// An event that can never be applied (it does not decode, or misses what the fold needs)
-    /// should be reported as an [`anyhow::Error`] carrying a [`PoisonEvent`]: the caller parks
+    /// should be reported as an [`anyhow::Error`] carrying a [`PoisonEvent`](super::PoisonEvent): the caller parks
     /// exactly that event and applies the rest. Any other error fails the whole batch, which is
     /// retried.
     fn apply<'a>(
@@ -91,7 +91,7 @@ pub trait BulkFold: Send + Sync {
     /// them as [`RawEvent::decode`] and [`RawEvent::metadata`] do, which give what
     /// `RecordedEvent`'s methods of the same names give.
     ///
-    /// On an error nothing changed: a [`PoisonEvent`] in the error is left out by the caller
+    /// On an error nothing changed: a [`PoisonEvent`](super::PoisonEvent) in the error is left out by the caller
     /// and the batch folded again without it.
     fn fold<'a>(
         &'a mut self,
@@ -207,41 +207,6 @@ impl TableNames {
     }
 }
 
-/// An event that can never be applied by this projection. Wrap it in the `anyhow::Error` that
-/// [`Projection::apply`] returns; workers and rebuilds park the event (visible in status and
-/// `dead-letters list`) and apply the rest of the batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoisonEvent {
-    pub position: LogPosition,
-    pub reason: String,
-}
-
-impl fmt::Display for PoisonEvent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "event at position {} cannot be applied: {}",
-            self.position, self.reason
-        )
-    }
-}
-
-impl std::error::Error for PoisonEvent {}
-
-impl PoisonEvent {
-    pub fn new(event: &RecordedEvent, reason: impl Into<String>) -> Self {
-        Self {
-            position: event.position,
-            reason: reason.into(),
-        }
-    }
-
-    /// The poison event an error chain carries, if any.
-    pub fn find(error: &anyhow::Error) -> Option<&PoisonEvent> {
-        error.chain().find_map(|e| e.downcast_ref::<PoisonEvent>())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,15 +221,5 @@ mod tests {
         assert!(t.get("messages").is_err());
         let live = TableNames::live(&["members"]);
         assert_eq!(live.get("members").ok().as_deref(), Some("\"members\""));
-    }
-
-    #[test]
-    fn poison_is_found_through_context() {
-        let p = PoisonEvent {
-            position: LogPosition::new(1, 2),
-            reason: "bad".into(),
-        };
-        let err = anyhow::Error::new(p.clone()).context("applying members");
-        assert_eq!(PoisonEvent::find(&err), Some(&p));
     }
 }

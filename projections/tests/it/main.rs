@@ -2,6 +2,8 @@
 //! database and stream (removed afterwards, also on failure).
 
 mod batch_tx;
+mod conformance;
+mod locks;
 mod members;
 mod rebuild;
 mod support;

@@ -1,6 +1,6 @@
 //! The members fold and queries, applied straight to a database (no bus).
 
-use crate::support::{at, metadata, ModelCopy, MODEL};
+use crate::support::{at, metadata, ModelCopy};
 use rookery_events::membership::membership_id;
 use rookery_events::{
     LogPosition, MemberStatus, MembershipEvent, Platform, RecordedEvent, Role, UserEvent,
@@ -9,6 +9,7 @@ use rookery_projections::models::members::{self, MemberQuery, MemberSort, Member
 use rookery_projections::{Projection, QueryError, TableNames};
 use rookery_store::testing::TestDb;
 use sqlx::PgPool;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Builds recorded events with increasing keys and times.
@@ -175,14 +176,10 @@ async fn membership_lifecycle_folds_into_status_role_and_exact_count() {
     );
 
     // The same events as one batch (as a rebuild sees them) give byte-identical rows.
-    let copy = ModelCopy {
-        name: "copy",
-        prefix: "one_batch_",
-    };
+    let copy = ModelCopy::of(Arc::new(MembersProjection), "one_batch_");
     copy.create_tables(&db.pool).await;
-    let names = TableNames::from_pairs(MODEL.iter().map(|(t, _)| (*t, format!("one_batch_{t}"))));
-    apply(&db.pool, &names, &log.events).await;
-    crate::support::assert_same_model(&db.pool, "one_batch_").await;
+    apply(&db.pool, &copy.names(), &log.events).await;
+    copy.assert_same(&db.pool).await;
 }
 
 #[tokio::test]
@@ -304,14 +301,10 @@ async fn registration_and_membership_converge_in_either_order() {
     apply(&db.pool, &live(), user).await;
 
     // The other order, into a copy: user events first, then the membership.
-    let copy = ModelCopy {
-        name: "copy",
-        prefix: "other_order_",
-    };
+    let copy = ModelCopy::of(Arc::new(MembersProjection), "other_order_");
     copy.create_tables(&db.pool).await;
-    let names = TableNames::from_pairs(MODEL.iter().map(|(t, _)| (*t, format!("other_order_{t}"))));
-    apply(&db.pool, &names, user).await;
-    apply(&db.pool, &names, membership).await;
+    apply(&db.pool, &copy.names(), user).await;
+    apply(&db.pool, &copy.names(), membership).await;
 
     let view = members::get_member(&db.pool, c, u)
         .await
@@ -324,7 +317,7 @@ async fn registration_and_membership_converge_in_either_order() {
         [Platform::Discord, Platform::Twitch],
         "identities sorted by platform"
     );
-    crate::support::assert_same_model(&db.pool, "other_order_").await;
+    copy.assert_same(&db.pool).await;
 
     // Unlinking removes exactly that identity.
     let mut more = Log {

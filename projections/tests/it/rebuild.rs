@@ -2,8 +2,7 @@
 //! (also while the shadow tables still lack their keys), and parking poison events.
 
 use crate::support::{
-    assert_same_model, joined, registered, test_worker_config, uuids, Env, Ev, ModelCopy, RawEvent,
-    Scenario,
+    joined, registered, test_worker_config, uuids, Env, Ev, ModelCopy, RawEvent, Scenario,
 };
 use rookery_events::{LogPosition, MembershipEvent, Role};
 use rookery_nats::{Relay, RelayConfig};
@@ -56,16 +55,13 @@ async fn schema(env: &Env) -> Vec<Vec<String>> {
 /// Folds the whole log into a copy of the model through the live path (relay, bus, `apply`
 /// batch by batch) and asserts the rebuilt model equals it row for row.
 async fn assert_matches_incremental_build(env: &Env) {
-    let copy = ModelCopy {
-        name: "members_fresh",
-        prefix: "fresh_",
-    };
+    let copy = Arc::new(ModelCopy::of(members_projection(), "fresh_"));
     copy.create_tables(&env.pool).await;
     env.relay_all().await;
-    run_until_idle(&env.pool, &env.bus, Arc::new(copy), test_worker_config())
+    run_until_idle(&env.pool, &env.bus, copy.clone(), test_worker_config())
         .await
         .expect("fresh build");
-    assert_same_model(&env.pool, "fresh_").await;
+    copy.assert_same(&env.pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,8 +169,20 @@ async fn rebuild_under_live_writes_matches_a_fresh_incremental_build() {
     assert!(!report.resumed);
     assert!(report.events > 0);
 
-    // Writes go on after the switch, into the new tables.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Writes go on after the switch, into the new tables: stop the writers only once one has
+    // committed past the switch's head.
+    crate::support::eventually(
+        Duration::from_secs(10),
+        "a write after the switch",
+        || async {
+            rookery_store::log::committed_head(&env.pool)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|head| head > report.head)
+        },
+    )
+    .await;
     writing.cancel();
     let mut last = LogPosition::ZERO;
     let mut written = 1u64;
@@ -213,15 +221,12 @@ async fn rebuild_under_live_writes_matches_a_fresh_incremental_build() {
     );
 
     // A fresh incremental build of the same log, through the bus, batch by batch.
-    let copy = ModelCopy {
-        name: "members_fresh",
-        prefix: "fresh_",
-    };
+    let copy = Arc::new(ModelCopy::of(members_projection(), "fresh_"));
     copy.create_tables(&env.pool).await;
-    run_until_idle(&env.pool, &env.bus, Arc::new(copy), test_worker_config())
+    run_until_idle(&env.pool, &env.bus, copy.clone(), test_worker_config())
         .await
         .expect("fresh build");
-    assert_same_model(&env.pool, "fresh_").await;
+    copy.assert_same(&env.pool).await;
 
     let s = status(&env.pool, env.partitions()).await.expect("status");
     let m = s.iter().find(|p| p.name == NAME).expect("members");
@@ -304,16 +309,13 @@ async fn interrupted_rebuild_resumes_from_its_cursor() {
     assert_eq!(report.total, total);
 
     // Identical to folding the whole log straight through.
-    let copy = ModelCopy {
-        name: "members_fresh",
-        prefix: "fresh_",
-    };
+    let copy = Arc::new(ModelCopy::of(members_projection(), "fresh_"));
     copy.create_tables(&env.pool).await;
     env.relay_all().await;
-    run_until_idle(&env.pool, &env.bus, Arc::new(copy), test_worker_config())
+    run_until_idle(&env.pool, &env.bus, copy.clone(), test_worker_config())
         .await
         .expect("fresh build");
-    assert_same_model(&env.pool, "fresh_").await;
+    copy.assert_same(&env.pool).await;
     for c in &scenario.communities {
         assert_eq!(
             members::member_count(&env.pool, *c).await.expect("count"),

@@ -4,7 +4,10 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 use rookery_events::membership::membership_id;
-use rookery_events::{LogPosition, MemberStatus, MembershipEvent, RecordedEvent, Role, UserEvent};
+use rookery_events::{
+    CommunityEvent, JoinMode, LogPosition, MemberStatus, MembershipEvent, Platform, RecordedEvent,
+    Role, UserEvent,
+};
 use rookery_nats::{Bus, BusConfig, Relay, RelayConfig};
 use rookery_projections::{Projection, TableNames, WorkerConfig};
 use rookery_store::testing::TestDb;
@@ -143,6 +146,7 @@ pub fn test_worker_config() -> WorkerConfig {
 pub enum Ev {
     M(MembershipEvent),
     U(Uuid, UserEvent),
+    C(Uuid, CommunityEvent),
 }
 
 pub fn joined(c: Uuid, u: Uuid, role: Role) -> Ev {
@@ -180,6 +184,10 @@ impl Ev {
             Ev::U(u, e) => {
                 let payload = serde_json::to_value(e).expect("event json");
                 ("user", u.to_string(), e.name(), payload)
+            }
+            Ev::C(c, e) => {
+                let payload = serde_json::to_value(e).expect("event json");
+                ("community", c.to_string(), e.name(), payload)
             }
         }
     }
@@ -288,6 +296,10 @@ pub struct RawEvent {
 /// points (before or after the user's memberships), and the expected final state.
 pub struct Scenario {
     rng: u64,
+    /// Also write community events: each community's creation before its first membership,
+    /// and profile and join-mode changes now and then (every aggregate type a model may fold).
+    mixed: bool,
+    created: std::collections::BTreeSet<Uuid>,
     pub communities: Vec<Uuid>,
     pub users: Vec<Uuid>,
     pub state: BTreeMap<(Uuid, Uuid), MemberStatus>,
@@ -299,11 +311,21 @@ impl Scenario {
     pub fn new(seed: u64, communities: Vec<Uuid>, users: Vec<Uuid>) -> Self {
         Self {
             rng: seed | 1,
+            mixed: false,
+            created: Default::default(),
             communities,
             users,
             state: BTreeMap::new(),
             registered: BTreeMap::new(),
             events: 0,
+        }
+    }
+
+    /// [`Scenario::new`] with community events too.
+    pub fn mixed(seed: u64, communities: Vec<Uuid>, users: Vec<Uuid>) -> Self {
+        Self {
+            mixed: true,
+            ..Self::new(seed, communities, users)
         }
     }
 
@@ -330,6 +352,39 @@ impl Scenario {
             }
             let i = self.next(self.communities.len());
             let c = self.communities[i];
+            if self.mixed && self.created.insert(c) {
+                out.push(Ev::C(
+                    c,
+                    CommunityEvent::CommunityCreated {
+                        community_id: c,
+                        name: format!("c-{}", &c.simple().to_string()[..8]),
+                        display_name: "Scenario".into(),
+                        platform: Platform::Twitch,
+                        is_public: true,
+                        join_mode: JoinMode::Open,
+                        owner_id: u,
+                    },
+                ));
+                continue;
+            }
+            if self.mixed && self.next(8) == 0 {
+                let event = if self.next(2) == 0 {
+                    CommunityEvent::JoinModeChanged {
+                        join_mode: JoinMode::Approval,
+                    }
+                } else {
+                    CommunityEvent::CommunityProfileUpdated {
+                        display_name: Some(format!("Scenario {}", self.events)),
+                        description: None,
+                        is_public: None,
+                    }
+                };
+                // One event per aggregate per transaction, as for memberships.
+                if !out.iter().any(|e| matches!(e, Ev::C(x, _) if *x == c)) {
+                    out.push(Ev::C(c, event));
+                }
+                continue;
+            }
             let roll = self.next(10);
             let status = self.state.get(&(c, u)).copied();
             let (event, next) = match status {
@@ -422,21 +477,24 @@ pub fn uuids(n: usize) -> Vec<Uuid> {
     (0..n).map(|_| Uuid::new_v4()).collect()
 }
 
-/// Every row of `table` as JSON text, in primary-key order: equal dumps mean identical rows.
-pub async fn dump(pool: &PgPool, table: &str, order: &str) -> Vec<String> {
+/// Every row of `table` as JSON text, sorted: equal dumps mean identical rows.
+pub async fn dump(pool: &PgPool, table: &str) -> Vec<String> {
     sqlx::query_scalar(&format!(
-        "SELECT row_to_json(t)::text FROM \"{table}\" t ORDER BY {order}"
+        "SELECT row_to_json(t)::text AS r FROM \"{table}\" t ORDER BY r"
     ))
     .fetch_all(pool)
     .await
     .expect("dump")
 }
 
-pub const MODEL: [(&str, &str); 3] = [
-    ("members", "community_id, user_id"),
-    ("member_counts", "community_id"),
-    ("member_users", "user_id"),
-];
+/// Every table of `projection`, dumped.
+pub async fn dump_model(pool: &PgPool, projection: &dyn Projection) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for t in projection.tables() {
+        out.push((t.to_string(), dump(pool, t).await));
+    }
+    out
+}
 
 /// Polls `check` until it is true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
@@ -454,16 +512,27 @@ where
     }
 }
 
-/// The members projection writing to `<prefix>members` etc. under another name: a second,
-/// independent copy of the model built through the normal worker path, to compare against.
+/// A projection writing to `<prefix><table>` under a name of its own: a second, independent copy
+/// of a model, built through the normal worker path, to compare the model against.
 pub struct ModelCopy {
-    pub name: &'static str,
-    pub prefix: &'static str,
+    inner: Arc<dyn Projection>,
+    name: &'static str,
+    prefix: &'static str,
 }
 
 impl ModelCopy {
+    pub fn of(inner: Arc<dyn Projection>, prefix: &'static str) -> Self {
+        // A test names a handful of copies: leaking their names is harmless.
+        let name = Box::leak(format!("{}_{prefix}", inner.name()).into_boxed_str());
+        Self {
+            inner,
+            name,
+            prefix,
+        }
+    }
+
     pub async fn create_tables(&self, pool: &PgPool) {
-        for (t, _) in MODEL {
+        for t in self.inner.tables() {
             sqlx::query(&format!(
                 "CREATE TABLE \"{}{t}\" (LIKE \"{t}\" INCLUDING ALL)",
                 self.prefix
@@ -474,12 +543,24 @@ impl ModelCopy {
         }
     }
 
-    fn names(&self) -> TableNames {
+    /// The copy's physical tables.
+    pub fn names(&self) -> TableNames {
         TableNames::from_pairs(
-            MODEL
+            self.inner
+                .tables()
                 .iter()
-                .map(|(t, _)| (*t, format!("{}{t}", self.prefix))),
+                .map(|t| (*t, format!("{}{t}", self.prefix))),
         )
+    }
+
+    /// The model's tables equal this copy's, row for row.
+    pub async fn assert_same(&self, pool: &PgPool) {
+        for t in self.inner.tables() {
+            let a = dump(pool, t).await;
+            let b = dump(pool, &format!("{}{t}", self.prefix)).await;
+            assert_eq!(a.len(), b.len(), "{t}: row counts differ");
+            assert!(a == b, "{t} differs from {}{t}", self.prefix);
+        }
     }
 }
 
@@ -488,13 +569,13 @@ impl Projection for ModelCopy {
         self.name
     }
     fn version(&self) -> i32 {
-        1
+        self.inner.version()
     }
     fn tables(&self) -> &'static [&'static str] {
-        &["members", "member_counts", "member_users"]
+        self.inner.tables()
     }
     fn aggregate_types(&self) -> &'static [&'static str] {
-        rookery_projections::models::members::MembersProjection.aggregate_types()
+        self.inner.aggregate_types()
     }
     fn apply<'a>(
         &'a self,
@@ -504,20 +585,8 @@ impl Projection for ModelCopy {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let names = self.names();
-            rookery_projections::models::members::MembersProjection
-                .apply(conn, &names, events)
-                .await
+            self.inner.apply(conn, &names, events).await
         })
-    }
-}
-
-/// The model's tables equal their copy under `prefix`, row for row.
-pub async fn assert_same_model(pool: &PgPool, prefix: &str) {
-    for (t, order) in MODEL {
-        let a = dump(pool, t, order).await;
-        let b = dump(pool, &format!("{prefix}{t}"), order).await;
-        assert_eq!(a.len(), b.len(), "{t}: row counts differ");
-        assert!(a == b, "{t} differs from {prefix}{t}");
     }
 }
 

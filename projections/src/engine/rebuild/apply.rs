@@ -5,7 +5,7 @@
 use super::reader::Reader;
 use super::{dead_letters, state, Rebuild, RebuildProgress};
 use crate::engine::dead_letters::{NewDeadLetter, ParkedBy};
-use crate::engine::projection::PoisonEvent;
+use crate::engine::event::PoisonEvent;
 use anyhow::Context as _;
 use rookery_events::{LogPosition, RecordedEvent};
 use rookery_store::log::LogEntry;

@@ -6,7 +6,8 @@ use super::indexes::{build_missing_indexes, drop_unique_indexes, missing_indexes
 use super::reader::{RawEntry, Reader};
 use super::{dead_letters, state, Guarded, Rebuild, RebuildProgress};
 use crate::engine::dead_letters::{NewDeadLetter, ParkedBy};
-use crate::engine::projection::{BulkFold, BulkStart, BulkWrite, NeedKeys, PoisonEvent};
+use crate::engine::event::PoisonEvent;
+use crate::engine::projection::{BulkFold, BulkStart, BulkWrite, NeedKeys};
 use crate::engine::RawEvent;
 use anyhow::{bail, Context as _};
 use rookery_events::LogPosition;

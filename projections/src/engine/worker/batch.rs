@@ -3,33 +3,13 @@
 
 use super::super::checkpoints::{Advance, BatchTx};
 use super::super::dead_letters::{self, NewDeadLetter, ParkedBy};
-use super::super::projection::PoisonEvent;
+use super::super::event::PoisonEvent;
 use super::partition::PartitionRun;
+use super::{BatchOutcome, BatchSummary};
 use anyhow::{bail, Context as _};
 use rookery_events::RecordedEvent;
 use rookery_nats::Delivery;
 use tokio::time::Instant;
-
-/// What one committed batch did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BatchSummary {
-    /// Events folded into the read model.
-    pub applied: u64,
-    /// Deliveries the checkpoint already covered.
-    pub skipped: u64,
-    /// Poison events parked.
-    pub parked: u64,
-}
-
-pub(crate) enum BatchOutcome {
-    Committed(BatchSummary),
-    Paused,
-    /// The checkpoint is behind this worker's last commit: Postgres lost commits (a crash
-    /// before their asynchronous flush). Nothing was written; replay from the checkpoint.
-    Rewound {
-        checkpoint: u64,
-    },
-}
 
 impl PartitionRun {
     /// One batch in one transaction. Returns without writing when the projection is paused.

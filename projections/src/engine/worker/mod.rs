@@ -30,14 +30,11 @@ mod batch;
 mod failure;
 mod partition;
 
-pub use batch::BatchSummary;
-
 use super::checkpoints;
 use super::locks::LockSession;
 use super::projection::{Projection, TableNames};
 use super::state;
 use anyhow::{bail, Context as _};
-use batch::BatchOutcome;
 use partition::PartitionRun;
 use rookery_nats::{Bus, Delivery};
 use sqlx::PgPool;
@@ -199,6 +196,27 @@ impl WorkerStats {
             self.exported.active_partitions.decrement(1.0);
         }
     }
+}
+
+/// What one committed batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchSummary {
+    /// Events folded into the read model.
+    pub applied: u64,
+    /// Deliveries the checkpoint already covered.
+    pub skipped: u64,
+    /// Poison events parked.
+    pub parked: u64,
+}
+
+enum BatchOutcome {
+    Committed(BatchSummary),
+    Paused,
+    /// The checkpoint is behind this worker's last commit: Postgres lost commits (a crash
+    /// before their asynchronous flush). Nothing was written; replay from the checkpoint.
+    Rewound {
+        checkpoint: u64,
+    },
 }
 
 /// A projection's live worker.

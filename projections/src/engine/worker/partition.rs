@@ -1,7 +1,7 @@
 //! One partition while this process holds its lock: the fetch loop, the durable consumer at the
 //! checkpoint, raising the floor when idle, pauses, and noticing commits Postgres lost.
 
-use super::{checkpoints, sleep_or_cancel, End, Mode, Shared};
+use super::{checkpoints, sleep_or_cancel, BatchOutcome, End, Mode, Shared};
 use crate::engine::state;
 use anyhow::{bail, Context as _};
 use rookery_events::LogPosition;
@@ -11,8 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use super::batch::BatchOutcome;
 
 /// One partition while this process holds its lock.
 pub(super) struct PartitionRun {
