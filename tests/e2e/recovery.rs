@@ -1,7 +1,7 @@
 //! Projection batches commit without waiting for their WAL flush (`synchronous_commit = off`).
 //! A Postgres crash can then lose the last batches after their deliveries were acked; the
 //! worker must notice (the checkpoint is behind what it committed) and replay them, or those
-//! events would be missing from the read model for good (DESIGN §3.1).
+//! events would be missing from the read model for good (guarantee 1 in docs/architecture.md).
 
 use reqwest::{Method, StatusCode};
 use rookery_projections::by_name;

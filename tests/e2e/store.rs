@@ -1,4 +1,4 @@
-//! The unit of work's optimistic concurrency (DESIGN §3.6): a writer that loaded a stale version
+//! The unit of work's optimistic concurrency (guarantee 6 in docs/architecture.md): a writer that loaded a stale version
 //! gets a conflict, and nothing it staged — events or claims — is stored; group commit answers
 //! each writer with its own outcome; a guarded change is written only while the aggregate it was
 //! decided on is unchanged; postgres-es reads back what the store writes. A kept connection

@@ -1,6 +1,9 @@
 //! The end-to-end harness: [`spawn_app`] starts the real application (API, relay, projection
 //! workers) on port 0 against its own fresh database and its own NATS stream and subject prefix,
 //! so tests run in parallel and leave nothing behind (both are removed on drop, even on panic).
+//!
+//! The suite itself is `tests/e2e/`: one module per concern (auth, authz, flow, ops, pipeline,
+//! recovery, store, uniqueness, migrations) and `layout`, which checks the workspace's shape.
 
 use anyhow::Context;
 use reqwest::{Method, RequestBuilder, StatusCode};

@@ -3,23 +3,24 @@
 //! Commands take one path ([`commands`]): load the aggregates from the event store, let them
 //! decide, append events, claims and side rows in one unit of work, commit, and answer
 //! `{id, version, position}`. Who may do what is resolved from the write side (`access`) so it
-//! is never stale; queries read the members read model and can wait for a `position`
-//! (read-your-writes). Every error is `application/problem+json`.
+//! is never stale; queries read the read models (rookery-projections) and can wait for a
+//! `position` (read-your-writes). Every error is `application/problem+json`.
 //!
 //! The composition root calls [`AppState::new`], [`router()`] and, for tooling, [`openapi()`].
 //!
 //! # Layout
 //! - [`config`]: [`ApiConfig`] and [`AuthConfig`].
-//! - [`state`]: [`AppState`], shared by every handler.
+//! - [`state`]: [`AppState`], shared by every handler, and its sub-states (JWT keys, communities).
 //! - [`error`]: [`ApiError`] (one variant per status) and its problem document.
 //! - [`extract`]: JSON, path and query extractors that reject with field-naming problems;
-//!   request metadata and `If-Match`.
+//!   request metadata, `If-Match`, and [`MinPosition`](extract::MinPosition).
 //! - [`auth`]: JWTs (HS256, pinned), argon2id passwords, rotating refresh tokens.
 //! - [`commands`]: the application service every command goes through.
-//! - `access`: community visibility and the caller's role.
-//! - `read`: the members read model and `min_position` waits.
-//! - [`routes`]: handlers per resource and the route table.
-//! - [`metrics`]: hand-rolled Prometheus metrics.
+//! - `access`: community visibility and the caller's role, loaded from the event store.
+//! - `read`: wait until a read model applied `min_position`, then query it (`read::after`).
+//! - [`routes`]: one module per resource (`auth`, `users`, `communities`, `members`, `ops`), each
+//!   with its handlers, wire types and `router()`; `api_router` merges them.
+//! - [`metrics`]: the Prometheus recorder behind the `metrics` facade, and what the API records.
 //! - [`mod@openapi`]: the generated OpenAPI 3.1 document and the embedded Swagger UI.
 
 mod access;

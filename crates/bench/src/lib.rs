@@ -1,6 +1,6 @@
 //! `rookery bench`: every performance figure measured beside the machine's own limit.
 //!
-//! Each figure of DESIGN.md §12 is measured in the same run as the limit it is compared with (raw
+//! Each figure of docs/architecture.md ("Performance targets") is measured in the same run as the limit it is compared with (raw
 //! single-row commits, raw pipelined JetStream publishes, a raw scan of the log), so the several-fold
 //! swings of a shared disk cancel out of the ratio. The bench creates its own database on the
 //! configured Postgres server and its own streams on the configured NATS, and removes them
@@ -11,7 +11,8 @@
 //! - [`stats`]: percentiles and rates (unit-tested).
 //! - `env`: the private database, streams, fixtures, the in-process application, cleanup.
 //! - `load`: closed-loop and open-loop drivers.
-//! - `scenarios`: `commands` (+ `memory`), `latency`, `relay`, `rebuild`, `scale`.
+//! - `scenarios/`: one module per scenario (`commands` with `memory`, `latency`, `relay`,
+//!   `rebuild`, `scale`) and `cpu`, the CPU and memory accounting from `/proc`.
 //! - `report`: the table, the JSON document and the progress line.
 //! - `plot`: the latency percentile curve as a hand-written SVG.
 

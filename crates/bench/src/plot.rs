@@ -110,7 +110,7 @@ pub fn svg(curves: &[(String, Curve)], title: &str) -> String {
         TOP + plot_h / 2.0,
         TOP + plot_h / 2.0
     );
-    // Target lines of DESIGN.md §12 (command → read model visible): p50 ≤ 10 ms, p99 ≤ 50 ms.
+    // Target lines of docs/architecture.md, "Performance targets" (command → read model visible): p50 ≤ 10 ms, p99 ≤ 50 ms.
     for (q, ms) in [(0.5, 10.0), (0.99, 50.0)] {
         if ms <= y_max {
             let _ = writeln!(

@@ -1,4 +1,5 @@
-//! The `rookery` command: a thin clap front over `rookery-app`.
+//! The `rookery` command: a thin clap front over `rookery-app` (running, migrating, doctor,
+//! projections) and `rookery-bench` (`rookery bench`).
 
 use clap::{Parser, Subcommand};
 use rookery_app::exit::{self, Classified};

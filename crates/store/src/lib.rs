@@ -1,10 +1,12 @@
 //! Rookery's Postgres side.
 //!
-//! The `events` table is postgres-es' own plus Rookery's log columns (docs/architecture.md, "The log"). Aggregates
-//! are written through [`EventStore`] — group-committed [`Changes`], or a [`UnitOfWork`] when side
-//! rows (credentials) must commit with them — so that the events and the uniqueness claims they
-//! take commit together and the caller learns the version and log position it produced; what
-//! it writes stays readable by postgres-es (a test proves it).
+//! The `events` table is postgres-es' own plus Rookery's log columns (docs/architecture.md, "The
+//! log"). Aggregates are written through [`EventStore`] — group-committed [`Changes`], or a
+//! [`UnitOfWork`] when side rows (credentials) must commit with them — so that the events and the
+//! uniqueness claims they take commit together and the caller learns the version and log
+//! position it produced; what it writes stays readable by postgres-es (a test proves it).
+//! Projection bookkeeping (checkpoints, locks, dead letters) is not here: it belongs to the
+//! projection engine (rookery-projections).
 //!
 //! # Layout
 //! - [`db`]: connecting (creating the database when missing) and [`KeptConn`] (one connection
@@ -15,6 +17,7 @@
 //! - [`log`]: the global log in commit-safe order, for the relay, rebuilds and replays.
 //! - [`relay`]: the relay's cursor and its single-active advisory lock.
 //! - [`settings`]: generated settings (e.g. the JWT secret).
+//! - `testing` (feature `testing`): a fresh migrated database per test.
 
 pub mod db;
 pub mod event_store;

@@ -77,7 +77,7 @@ pub struct BulkStart {
 /// Rows stay in memory across a *chunk* of batches, each changed row is written once per chunk
 /// (new rows may be bulk-loaded), and the rebuild writes one chunk while the next is folded.
 /// It must leave exactly the rows [`Projection::apply`] would leave after the same events
-/// (DESIGN.md §3.4): share the fold itself with `apply` and differ only in how rows are loaded
+/// (guarantee 4 in docs/architecture.md): share the fold itself with `apply` and differ only in how rows are loaded
 /// and written.
 ///
 /// The rebuild drives it as: [`fold`](BulkFold::fold) batches until the chunk is big enough,
