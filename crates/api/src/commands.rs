@@ -7,7 +7,7 @@
 //! version and `position: null` without writing.
 //!
 //! One command skips the load: a first join (`routes::members`) is decided on a cached community
-//! and staged with [`Tx::guard`]s, which make the insert itself confirm what the load would have.
+//! and staged with `Tx::guard`s, which make the insert itself confirm what the load would have.
 
 use std::future::Future;
 use std::time::Instant;

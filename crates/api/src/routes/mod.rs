@@ -1,5 +1,5 @@
 //! The handlers, one module per resource; each module's `router()` holds its routes, and
-//! [`api_router`] merges them (with the operations and the OpenAPI document's own).
+//! `api_router` merges them (with the operations and the OpenAPI document's own).
 
 use axum::http::StatusCode;
 use rookery_events::Platform;

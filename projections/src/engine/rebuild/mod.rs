@@ -14,12 +14,12 @@
 //!
 //! How step 2 folds depends on the projection:
 //! - With a [`BulkFold`] (members): three tasks in a pipeline. One streams the log as
-//!   [`RawEvent`]s (JSON left as text for the fold to decode into its own types); the rebuild
+//!   [`RawEvent`](crate::engine::RawEvent)s (JSON left as text for the fold to decode into its own types); the rebuild
 //!   folds batches into rows held in memory for a chunk of `chunk_size` events; a task writes
 //!   the previous chunk meanwhile (new rows by `COPY`), its poison events and the cursor in one
 //!   transaction. A fresh rebuild also leaves out the unique indexes of the fold's keyless
 //!   tables for as long as every row it writes is new, and builds them when it first needs
-//!   them ([`NeedKeys`]) or at the end.
+//!   them ([`NeedKeys`](crate::engine::NeedKeys)) or at the end.
 //! - Otherwise: the projection's own `apply`, batch by batch, a transaction each.
 //!
 //! Both fold with the code the live worker folds with, so rows come out byte-identical to the
@@ -32,7 +32,6 @@
 //!
 //! Shadow transactions commit with `synchronous_commit = off`: a commit lost in a crash takes
 //! its cursor with it, and the resume redoes it.
-
 //!
 //! # Layout
 //! - this module: configuration, progress, the report, and the run: prepare the shadow tables,

@@ -6,8 +6,9 @@
 //! loop: fetch → one transaction that locks and re-reads the checkpoint, applies the deliveries
 //! it does not cover, parks poison, moves the checkpoint → commit → ack. Acks come after the
 //! commit, so a crash anywhere means a redelivery, which the checkpoint turns into a no-op. The
-//! transaction's own statements ride with its `BEGIN` and `COMMIT` ([`BatchTx`]), on a
-//! connection the partition keeps while batches follow each other ([`KeptConn`], without the
+//! transaction's own statements ride with its `BEGIN` and `COMMIT`
+//! ([`BatchTx`](super::checkpoints::BatchTx)), on a connection the partition keeps while batches
+//! follow each other ([`KeptConn`](rookery_store::KeptConn), without the
 //! pool's check at every acquire and release), so a batch costs the read model's round trips
 //! plus two.
 //!
@@ -18,7 +19,7 @@
 //! Side effects (reactors) are gated here, not in the fold: a reactor would run after a batch
 //! commits, for the events that batch applied, and rebuilds never reach this code. Events a
 //! rebuild covered are below the checkpoint floor and are skipped before that point.
-
+//!
 //! # Layout
 //! - this module: [`WorkerConfig`], [`WorkerStats`], [`ProjectionWorker`] and the task per
 //!   partition that takes its lock and stands by while another process holds it.
@@ -201,7 +202,7 @@ impl WorkerStats {
 /// What one committed batch did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchSummary {
-    /// Events folded into the read model.
+    /// Events handled: folded into the read model, or moved past as another model's.
     pub applied: u64,
     /// Deliveries the checkpoint already covered.
     pub skipped: u64,
