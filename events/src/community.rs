@@ -1,5 +1,6 @@
 //! Events of the `community` aggregate.
 
+use crate::reputation::ReputationPolicy;
 use crate::types::{JoinMode, Platform};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -43,6 +44,10 @@ pub enum CommunityEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// The community's reputation rules from here on (events before keep the rules they had).
+    ReputationPolicySet {
+        policy: ReputationPolicy,
+    },
 }
 
 impl CommunityEvent {
@@ -54,6 +59,7 @@ impl CommunityEvent {
             CommunityEvent::PlatformServerUnlinked { .. } => "PlatformServerUnlinked",
             CommunityEvent::JoinModeChanged { .. } => "JoinModeChanged",
             CommunityEvent::CommunityArchived { .. } => "CommunityArchived",
+            CommunityEvent::ReputationPolicySet { .. } => "ReputationPolicySet",
         }
     }
 }

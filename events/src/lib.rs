@@ -6,26 +6,37 @@
 //! JSON Schemas in `events/schemas/` are generated from these types and a test fails when they drift.
 //!
 //! # Layout
-//! - [`community`], [`membership`], [`user`]: the event enums per aggregate.
+//! - [`community`], [`membership`], [`user`], [`message`], [`activity`]: the event enums per
+//!   aggregate, and the ids derived from natural keys.
+//! - [`reputation`]: a community's reputation policy and the tiers of a score.
+//! - [`decimal`]: [`Decimal4`], exact decimal numbers (scores, weights, amounts).
 //! - [`types`]: value types shared by events and commands (platform, role, join mode, …).
 //! - [`metadata`]: who/why/when of every event (actor, request, correlation and causation ids).
 //! - [`position`]: the log key `(transaction_id, global_position)` and its opaque token form.
 //! - [`recorded`]: an event as read back from the log or the bus.
 
+pub mod activity;
 pub mod community;
+pub mod decimal;
 pub mod membership;
+pub mod message;
 pub mod metadata;
 pub mod position;
 pub mod recorded;
+pub mod reputation;
 pub mod schema;
 pub mod types;
 pub mod user;
 
+pub use activity::{Activity, ActivityEvent, SubTier};
 pub use community::CommunityEvent;
-pub use membership::MembershipEvent;
+pub use decimal::Decimal4;
+pub use membership::{JoinVia, MembershipEvent};
+pub use message::MessageEvent;
 pub use metadata::EventMetadata;
 pub use position::{LogPosition, ParsePositionError};
 pub use recorded::RecordedEvent;
+pub use reputation::{ReputationPolicy, Tier, Weights};
 pub use types::{JoinMode, MemberStatus, Platform, Role};
 pub use user::UserEvent;
 
@@ -34,6 +45,8 @@ pub mod aggregate_types {
     pub const COMMUNITY: &str = "community";
     pub const MEMBERSHIP: &str = "membership";
     pub const USER: &str = "user";
+    pub const MESSAGE: &str = "message";
+    pub const ACTIVITY: &str = "activity";
 }
 
 /// Implements `cqrs_es::DomainEvent` for an externally tagged enum: the event type is the variant

@@ -1,6 +1,7 @@
 //! Events of the `membership` aggregate: one per `community × hub user`, its id derived with
 //! [`membership_id`] so the same pair always lands on the same stream.
 
+use crate::decimal::Decimal4;
 use crate::types::Role;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -17,13 +18,27 @@ pub fn membership_id(community_id: Uuid, user_id: Uuid) -> Uuid {
 /// Namespace of membership ids (a fixed random UUID; never change it).
 pub const MEMBERSHIP_NAMESPACE: Uuid = Uuid::from_u128(0x5a0e_77c1_2f0b_4d7e_9b1e_3c55_b0d4_a6e1);
 
+/// How a membership that did not come from the user's own join began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinVia {
+    /// The user's first message or activity in the community, arriving from a platform.
+    Activity,
+    /// A shadow user's membership, moved to the registered user who claimed its platform account.
+    Merge,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub enum MembershipEvent {
-    /// The user became an active member (by joining, being added, or founding the community).
+    /// The user became an active member (by joining, being added, founding the community, their
+    /// first platform activity there, or a merge).
     MemberJoined {
         community_id: Uuid,
         user_id: Uuid,
         role: Role,
+        /// Absent for a join, an addition or a founding.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<JoinVia>,
     },
     /// The user asked to join a community in approval mode.
     JoinRequested {
@@ -56,6 +71,49 @@ pub enum MembershipEvent {
         community_id: Uuid,
         user_id: Uuid,
     },
+    /// A moderator warned the member.
+    MemberWarned {
+        community_id: Uuid,
+        user_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A moderator silenced the member for `duration_secs` (enforced on the platforms).
+    MemberTimedOut {
+        community_id: Uuid,
+        user_id: Uuid,
+        duration_secs: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A moderator kicked the member out; unlike a ban, they may join again.
+    MemberKicked {
+        community_id: Uuid,
+        user_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// An admin moved the member's reputation by `delta`.
+    ReputationAdjusted {
+        community_id: Uuid,
+        user_id: Uuid,
+        delta: Decimal4,
+        reason: String,
+    },
+    /// An admin set the member's reputation to `score`.
+    ReputationSet {
+        community_id: Uuid,
+        user_id: Uuid,
+        score: Decimal4,
+        reason: String,
+    },
+    /// A shadow user's membership moved to `to_user_id`, the registered user who claimed the
+    /// shadow's platform account; this membership ends, the other begins (`via: merge`).
+    MembershipMoved {
+        community_id: Uuid,
+        user_id: Uuid,
+        to_user_id: Uuid,
+    },
 }
 
 impl MembershipEvent {
@@ -68,6 +126,12 @@ impl MembershipEvent {
             MembershipEvent::MemberRemoved { .. } => "MemberRemoved",
             MembershipEvent::MemberBanned { .. } => "MemberBanned",
             MembershipEvent::MemberUnbanned { .. } => "MemberUnbanned",
+            MembershipEvent::MemberWarned { .. } => "MemberWarned",
+            MembershipEvent::MemberTimedOut { .. } => "MemberTimedOut",
+            MembershipEvent::MemberKicked { .. } => "MemberKicked",
+            MembershipEvent::ReputationAdjusted { .. } => "ReputationAdjusted",
+            MembershipEvent::ReputationSet { .. } => "ReputationSet",
+            MembershipEvent::MembershipMoved { .. } => "MembershipMoved",
         }
     }
 
@@ -105,6 +169,36 @@ impl MembershipEvent {
             | MembershipEvent::MemberUnbanned {
                 community_id,
                 user_id,
+            }
+            | MembershipEvent::MemberWarned {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::MemberTimedOut {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::MemberKicked {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::ReputationAdjusted {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::ReputationSet {
+                community_id,
+                user_id,
+                ..
+            }
+            | MembershipEvent::MembershipMoved {
+                community_id,
+                user_id,
+                ..
             } => (community_id, user_id),
         }
     }

@@ -1,7 +1,9 @@
 //! An event as read back from the log (Postgres) or received from the bus (NATS).
 
 use crate::position::LogPosition;
-use crate::{CommunityEvent, EventMetadata, MembershipEvent, UserEvent};
+use crate::{
+    ActivityEvent, CommunityEvent, EventMetadata, MembershipEvent, MessageEvent, UserEvent,
+};
 use serde::{Deserialize, Serialize};
 
 /// One stored event with its place in the log. Payload and metadata stay as JSON until a consumer
@@ -24,6 +26,8 @@ pub enum AnyEvent {
     Community(CommunityEvent),
     Membership(MembershipEvent),
     User(UserEvent),
+    Message(MessageEvent),
+    Activity(ActivityEvent),
     /// An aggregate type this build does not know (written by a newer version): skipped by
     /// projections that do not care, never an error.
     Unknown,
@@ -46,6 +50,8 @@ impl AnyEvent {
             COMMUNITY => AnyEvent::Community(CommunityEvent::deserialize(payload)?),
             MEMBERSHIP => AnyEvent::Membership(MembershipEvent::deserialize(payload)?),
             USER => AnyEvent::User(UserEvent::deserialize(payload)?),
+            MESSAGE => AnyEvent::Message(MessageEvent::deserialize(payload)?),
+            ACTIVITY => AnyEvent::Activity(ActivityEvent::deserialize(payload)?),
             _ => AnyEvent::Unknown,
         })
     }

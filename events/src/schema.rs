@@ -18,6 +18,11 @@ pub fn event_schemas() -> Vec<(&'static str, Value)> {
             document::<crate::MembershipEvent>("MembershipEvent"),
         ),
         ("user", document::<crate::UserEvent>("UserEvent")),
+        ("message", document::<crate::MessageEvent>("MessageEvent")),
+        (
+            "activity",
+            document::<crate::ActivityEvent>("ActivityEvent"),
+        ),
     ]
 }
 

@@ -24,6 +24,7 @@ fn join_and_watch(database_url: String, community: Uuid, user: Uuid, deadline: D
                 community_id: community,
                 user_id: user,
                 role: Role::Member,
+                via: None,
             };
             sqlx::query(
                 "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,

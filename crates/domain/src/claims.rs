@@ -61,7 +61,8 @@ pub fn community_claims(event: &CommunityEvent) -> Vec<ClaimOp> {
         }],
         CommunityEvent::CommunityProfileUpdated { .. }
         | CommunityEvent::JoinModeChanged { .. }
-        | CommunityEvent::CommunityArchived { .. } => vec![],
+        | CommunityEvent::CommunityArchived { .. }
+        | CommunityEvent::ReputationPolicySet { .. } => vec![],
     }
 }
 
@@ -87,12 +88,27 @@ pub fn user_claims(event: &UserEvent) -> Vec<ClaimOp> {
         UserEvent::PlatformIdentityUnlinked {
             platform,
             platform_user_id,
+        }
+        | UserEvent::ShadowUserMerged {
+            platform,
+            platform_user_id,
+            ..
         } => {
             vec![ClaimOp::Release {
                 kind: kinds::PLATFORM_IDENTITY,
                 key: platform_key(*platform, platform_user_id),
             }]
         }
+        // A shadow user holds its account like a linked identity, so a registered user linking
+        // it must take it over (a merge) rather than hold it twice.
+        UserEvent::ShadowUserCreated {
+            platform,
+            platform_user_id,
+            ..
+        } => vec![ClaimOp::Take {
+            kind: kinds::PLATFORM_IDENTITY,
+            key: platform_key(*platform, platform_user_id),
+        }],
     }
 }
 
@@ -120,7 +136,8 @@ pub fn claim_conflict(kind: &str) -> DomainError {
 
 /// `<platform>:<id>`. Platform names hold no ':', so the first ':' always ends the platform even
 /// when the id contains more.
-fn platform_key(platform: Platform, id: &str) -> String {
+/// The claim key of a platform account (or server) `id` on `platform`.
+pub fn platform_key(platform: Platform, id: &str) -> String {
     format!("{platform}:{id}")
 }
 

@@ -6,7 +6,7 @@
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use rookery_events::{aggregate_types, CommunityEvent, JoinMode, Platform, Role};
+use rookery_events::{aggregate_types, CommunityEvent, JoinMode, Platform, ReputationPolicy, Role};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ use crate::decider::Decider;
 use crate::membership::CommunityContext;
 use crate::validation::{
     validate_community_name, validate_description, validate_display_name, validate_reason,
-    validate_server_id,
+    validate_reputation_policy, validate_server_id,
 };
 use crate::DomainError;
 
@@ -33,6 +33,8 @@ pub struct Community {
     pub owner_id: Option<Uuid>,
     pub platform_servers: Vec<LinkedServer>,
     pub archived: bool,
+    /// The reputation rules in force (the defaults until the community sets its own).
+    pub reputation_policy: ReputationPolicy,
 }
 
 impl Default for Community {
@@ -48,6 +50,7 @@ impl Default for Community {
             owner_id: None,
             platform_servers: Vec::new(),
             archived: false,
+            reputation_policy: ReputationPolicy::default(),
         }
     }
 }
@@ -98,6 +101,11 @@ pub enum CommunityCommand {
     Archive {
         actor_role: Role,
         reason: Option<String>,
+    },
+    /// Owners and admins: the reputation rules from now on.
+    SetReputationPolicy {
+        actor_role: Role,
+        policy: ReputationPolicy,
     },
 }
 
@@ -241,6 +249,14 @@ impl Community {
                 events.push(E::CommunityArchived { reason });
                 Ok(events)
             }
+            C::SetReputationPolicy { actor_role, policy } => {
+                self.ensure_manager(actor_role)?;
+                validate_reputation_policy(&policy)?;
+                if policy == self.reputation_policy {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::ReputationPolicySet { policy }])
+            }
         }
     }
 
@@ -320,6 +336,9 @@ impl Aggregate for Community {
                 if let Some(is_public) = is_public {
                     self.is_public = is_public;
                 }
+            }
+            CommunityEvent::ReputationPolicySet { policy } => {
+                self.reputation_policy = policy;
             }
             CommunityEvent::PlatformServerLinked {
                 platform,
@@ -760,5 +779,71 @@ mod tests {
                 reason: None,
             })
             .then_expect_error(DomainError::NotFound("community"));
+    }
+
+    #[test]
+    fn managers_set_a_valid_reputation_policy_from_now_on() {
+        let mut policy = ReputationPolicy::default();
+        policy.start = rookery_events::Decimal4::units(500);
+        policy.auto_ban.enabled = true;
+        given(vec![created()])
+            .when(CommunityCommand::SetReputationPolicy {
+                actor_role: Role::Admin,
+                policy: policy.clone(),
+            })
+            .then_expect_events(vec![CommunityEvent::ReputationPolicySet {
+                policy: policy.clone(),
+            }]);
+        let folded = fold(vec![
+            created(),
+            CommunityEvent::ReputationPolicySet {
+                policy: policy.clone(),
+            },
+        ]);
+        assert_eq!(folded.reputation_policy, policy);
+        given(vec![created()])
+            .when(CommunityCommand::SetReputationPolicy {
+                actor_role: Role::Moderator,
+                policy: policy.clone(),
+            })
+            .then_expect_error(DomainError::Forbidden(
+                "only owners and admins can manage a community".into(),
+            ));
+        // The defaults again change nothing.
+        given(vec![created()])
+            .when(CommunityCommand::SetReputationPolicy {
+                actor_role: Role::Owner,
+                policy: ReputationPolicy::default(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn a_reputation_policy_out_of_range_is_refused_naming_the_field() {
+        use rookery_events::Decimal4;
+        let cases: Vec<(fn(&mut ReputationPolicy), &str)> = vec![
+            (|p| p.min = Decimal4::units(900), "max"),
+            (|p| p.start = Decimal4::units(100), "start"),
+            (
+                |p| p.auto_ban.threshold = Decimal4::units(900),
+                "auto_ban.threshold",
+            ),
+            (|p| p.weights.ban = Decimal4::units(-5000), "weights.ban"),
+        ];
+        for (change, field) in cases {
+            let mut policy = ReputationPolicy::default();
+            change(&mut policy);
+            let err = given(vec![created()])
+                .when(CommunityCommand::SetReputationPolicy {
+                    actor_role: Role::Owner,
+                    policy,
+                })
+                .inspect_result()
+                .expect_err("refused");
+            assert!(
+                matches!(err, DomainError::Validation { field: f, .. } if f == field),
+                "{err:?}"
+            );
+        }
     }
 }

@@ -5,12 +5,14 @@
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use rookery_events::{aggregate_types, JoinMode, MemberStatus, MembershipEvent, Role};
+use rookery_events::{
+    aggregate_types, Decimal4, JoinMode, JoinVia, MemberStatus, MembershipEvent, Role,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::decider::Decider;
-use crate::validation::validate_reason;
+use crate::validation::{validate_reason, validate_required_reason};
 use crate::DomainError;
 
 #[derive(Default, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -77,7 +79,57 @@ pub enum MembershipCommand {
     Unban {
         actor_role: Role,
     },
+    /// The user's first message or activity in the community arrived from a platform: they
+    /// become a member unless they ever were one (or were banned).
+    JoinFromPlatform {
+        community_id: Uuid,
+        user_id: Uuid,
+    },
+    /// Moderation: moderators and above, on members ranked below them.
+    Warn {
+        actor_id: Uuid,
+        actor_role: Role,
+        reason: Option<String>,
+    },
+    Timeout {
+        actor_id: Uuid,
+        actor_role: Role,
+        duration_secs: u64,
+        reason: Option<String>,
+    },
+    Kick {
+        actor_id: Uuid,
+        actor_role: Role,
+        reason: Option<String>,
+    },
+    /// Owners and admins, on members ranked below them, with a reason.
+    AdjustReputation {
+        actor_id: Uuid,
+        actor_role: Role,
+        delta: Decimal4,
+        reason: String,
+    },
+    SetReputation {
+        actor_id: Uuid,
+        actor_role: Role,
+        score: Decimal4,
+        reason: String,
+    },
+    /// A shadow user's membership moves to the registered user `to_user_id`.
+    MoveTo {
+        to_user_id: Uuid,
+    },
+    /// The registered user's side of a move: what the shadow's membership was becomes theirs
+    /// (an active membership, or a ban), unless they already have it.
+    Inherit {
+        community_id: Uuid,
+        user_id: Uuid,
+        shadow_status: Option<MemberStatus>,
+    },
 }
+
+/// The longest timeout: 14 days, as the platforms allow.
+pub const MAX_TIMEOUT_SECS: u64 = 14 * 24 * 3600;
 
 /// Actions one member takes on another; they share the same authority rules.
 #[derive(Clone, Copy)]
@@ -85,6 +137,8 @@ enum Action {
     ChangeRole,
     Remove,
     Ban,
+    Moderate,
+    Reputation,
 }
 
 impl Membership {
@@ -158,6 +212,20 @@ impl Membership {
                 "the owner cannot be banned",
                 "you can only ban members ranked below you",
             ),
+            Action::Moderate => (
+                actor_role.can_moderate(),
+                "only moderators and above can warn, time out or kick members",
+                "you cannot moderate yourself",
+                "the owner cannot be moderated",
+                "you can only moderate members ranked below you",
+            ),
+            Action::Reputation => (
+                actor_role.can_manage(),
+                "only owners and admins can change reputation",
+                "you cannot change your own reputation",
+                "the owner's reputation cannot be changed by hand",
+                "you can only change the reputation of members ranked below you",
+            ),
         };
         if !allowed {
             return Err(DomainError::forbidden(privilege));
@@ -193,6 +261,7 @@ impl Membership {
                     community_id,
                     user_id: owner_id,
                     role: Role::Owner,
+                    via: None,
                 }])
             }
             C::Join {
@@ -215,6 +284,7 @@ impl Membership {
                         community_id,
                         user_id,
                         role: Role::Member,
+                        via: None,
                     }]),
                     JoinMode::Approval if self.is(S::Pending) => {
                         Err(DomainError::conflict("join request pending"))
@@ -253,6 +323,7 @@ impl Membership {
                     community_id,
                     user_id,
                     role: Role::Member,
+                    via: None,
                 }])
             }
             C::ChangeRole {
@@ -356,7 +427,180 @@ impl Membership {
                     user_id,
                 }])
             }
+            C::JoinFromPlatform {
+                community_id,
+                user_id,
+            } => {
+                self.check_subject(community_id, user_id)?;
+                if self.status.is_some() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::MemberJoined {
+                    community_id,
+                    user_id,
+                    role: Role::Member,
+                    via: Some(JoinVia::Activity),
+                }])
+            }
+            C::Warn {
+                actor_id,
+                actor_role,
+                reason,
+            } => {
+                let (community_id, user_id) = self.moderated(actor_id, actor_role, &reason)?;
+                Ok(vec![E::MemberWarned {
+                    community_id,
+                    user_id,
+                    reason,
+                }])
+            }
+            C::Timeout {
+                actor_id,
+                actor_role,
+                duration_secs,
+                reason,
+            } => {
+                let (community_id, user_id) = self.moderated(actor_id, actor_role, &reason)?;
+                if !(1..=MAX_TIMEOUT_SECS).contains(&duration_secs) {
+                    return Err(DomainError::validation(
+                        "duration_secs",
+                        format!("must be from 1 to {MAX_TIMEOUT_SECS} seconds (14 days)"),
+                    ));
+                }
+                Ok(vec![E::MemberTimedOut {
+                    community_id,
+                    user_id,
+                    duration_secs,
+                    reason,
+                }])
+            }
+            C::Kick {
+                actor_id,
+                actor_role,
+                reason,
+            } => {
+                let (community_id, user_id) = self.moderated(actor_id, actor_role, &reason)?;
+                Ok(vec![E::MemberKicked {
+                    community_id,
+                    user_id,
+                    reason,
+                }])
+            }
+            C::AdjustReputation {
+                actor_id,
+                actor_role,
+                delta,
+                reason,
+            } => {
+                let (community_id, user_id) =
+                    self.reputation_change(actor_id, actor_role, &reason)?;
+                if delta == Decimal4::ZERO {
+                    return Err(DomainError::validation("delta", "must not be zero"));
+                }
+                if delta.0.abs() > Decimal4::units(1_000).0 {
+                    return Err(DomainError::validation("delta", "must be within ±1000"));
+                }
+                Ok(vec![E::ReputationAdjusted {
+                    community_id,
+                    user_id,
+                    delta,
+                    reason: reason.trim().to_string(),
+                }])
+            }
+            C::SetReputation {
+                actor_id,
+                actor_role,
+                score,
+                reason,
+            } => {
+                let (community_id, user_id) =
+                    self.reputation_change(actor_id, actor_role, &reason)?;
+                if score.is_negative() || score > Decimal4::units(10_000) {
+                    return Err(DomainError::validation(
+                        "score",
+                        "must be from 0 to 10000 (the community's range applies)",
+                    ));
+                }
+                Ok(vec![E::ReputationSet {
+                    community_id,
+                    user_id,
+                    score,
+                    reason: reason.trim().to_string(),
+                }])
+            }
+            C::MoveTo { to_user_id } => {
+                let (community_id, user_id) = self.subject()?;
+                if to_user_id == user_id {
+                    return Err(DomainError::invalid_state(
+                        "a membership cannot move to itself",
+                    ));
+                }
+                Ok(vec![E::MembershipMoved {
+                    community_id,
+                    user_id,
+                    to_user_id,
+                }])
+            }
+            C::Inherit {
+                community_id,
+                user_id,
+                shadow_status,
+            } => {
+                self.check_subject(community_id, user_id)?;
+                match shadow_status {
+                    Some(S::Banned) if !self.is(S::Banned) && !self.is_owner() => {
+                        Ok(vec![E::MemberBanned {
+                            community_id,
+                            user_id,
+                            reason: Some("banned on a platform account now linked".into()),
+                        }])
+                    }
+                    Some(S::Active) if !self.is(S::Active) && !self.is(S::Banned) => {
+                        Ok(vec![E::MemberJoined {
+                            community_id,
+                            user_id,
+                            role: Role::Member,
+                            via: Some(JoinVia::Merge),
+                        }])
+                    }
+                    _ => Ok(vec![]),
+                }
+            }
         }
+    }
+
+    /// The pair of an active member a moderator may act on, the reason checked.
+    fn moderated(
+        &self,
+        actor_id: Uuid,
+        actor_role: Role,
+        reason: &Option<String>,
+    ) -> Result<(Uuid, Uuid), DomainError> {
+        if !self.is_active() {
+            return Err(DomainError::NotFound("member"));
+        }
+        let (community_id, user_id) = self.subject()?;
+        self.check_authority(Action::Moderate, user_id, actor_id, actor_role)?;
+        if let Some(reason) = reason {
+            validate_reason(reason)?;
+        }
+        Ok((community_id, user_id))
+    }
+
+    /// The pair of a member whose reputation an admin may change, the reason required.
+    fn reputation_change(
+        &self,
+        actor_id: Uuid,
+        actor_role: Role,
+        reason: &str,
+    ) -> Result<(Uuid, Uuid), DomainError> {
+        if self.status.is_none() {
+            return Err(DomainError::NotFound("member"));
+        }
+        let (community_id, user_id) = self.subject()?;
+        self.check_authority(Action::Reputation, user_id, actor_id, actor_role)?;
+        validate_required_reason(reason)?;
+        Ok((community_id, user_id))
     }
 }
 
@@ -388,10 +632,18 @@ impl Aggregate for Membership {
             MembershipEvent::JoinRequested { .. } => (MemberStatus::Pending, None),
             MembershipEvent::MemberRoleChanged { to, .. } => (MemberStatus::Active, Some(to)),
             MembershipEvent::MemberLeft { .. } => (MemberStatus::Left, None),
-            MembershipEvent::MemberRemoved { .. } => (MemberStatus::Removed, None),
+            MembershipEvent::MemberRemoved { .. } | MembershipEvent::MemberKicked { .. } => {
+                (MemberStatus::Removed, None)
+            }
             MembershipEvent::MemberBanned { .. } => (MemberStatus::Banned, None),
             // Unbanning lifts the ban, it does not restore the membership: they join again.
             MembershipEvent::MemberUnbanned { .. } => (MemberStatus::Left, None),
+            // The membership now belongs to another user.
+            MembershipEvent::MembershipMoved { .. } => (MemberStatus::Left, None),
+            MembershipEvent::MemberWarned { .. }
+            | MembershipEvent::MemberTimedOut { .. }
+            | MembershipEvent::ReputationAdjusted { .. }
+            | MembershipEvent::ReputationSet { .. } => return,
         };
         self.status = Some(status);
         self.role = role;
@@ -440,6 +692,7 @@ mod tests {
             community_id: COMMUNITY,
             user_id: USER,
             role,
+            via: None,
         }
     }
 
@@ -1063,5 +1316,234 @@ mod tests {
                 actor_role: Role::Vip,
             })
             .then_expect_error_message("only moderators and above can unban members");
+    }
+
+    // ---- moderation, reputation by hand, platform joins, moves ----
+
+    fn warn(actor_role: Role) -> MembershipCommand {
+        MembershipCommand::Warn {
+            actor_id: ACTOR,
+            actor_role,
+            reason: Some("caps".into()),
+        }
+    }
+
+    #[test]
+    fn moderators_warn_time_out_and_kick_members() {
+        given(vec![joined(Role::Member)])
+            .when(warn(Role::Moderator))
+            .then_expect_events(vec![MembershipEvent::MemberWarned {
+                community_id: COMMUNITY,
+                user_id: USER,
+                reason: Some("caps".into()),
+            }]);
+        given(vec![joined(Role::Member)])
+            .when(MembershipCommand::Timeout {
+                actor_id: ACTOR,
+                actor_role: Role::Moderator,
+                duration_secs: 600,
+                reason: None,
+            })
+            .then_expect_events(vec![MembershipEvent::MemberTimedOut {
+                community_id: COMMUNITY,
+                user_id: USER,
+                duration_secs: 600,
+                reason: None,
+            }]);
+        given(vec![joined(Role::Vip)])
+            .when(MembershipCommand::Kick {
+                actor_id: ACTOR,
+                actor_role: Role::Admin,
+                reason: Some("out".into()),
+            })
+            .then_expect_events(vec![MembershipEvent::MemberKicked {
+                community_id: COMMUNITY,
+                user_id: USER,
+                reason: Some("out".into()),
+            }]);
+    }
+
+    #[test]
+    fn a_member_cannot_moderate_a_moderator_and_timeouts_are_bounded() {
+        given(vec![joined(Role::Moderator)])
+            .when(warn(Role::Member))
+            .then_expect_error(DomainError::Forbidden(
+                "only moderators and above can warn, time out or kick members".into(),
+            ));
+        given(vec![joined(Role::Moderator)])
+            .when(warn(Role::Moderator))
+            .then_expect_error(DomainError::Forbidden(
+                "you can only moderate members ranked below you".into(),
+            ));
+        given(vec![joined(Role::Owner)])
+            .when(warn(Role::Admin))
+            .then_expect_error(DomainError::InvalidState(
+                "the owner cannot be moderated".into(),
+            ));
+        for duration_secs in [0, MAX_TIMEOUT_SECS + 1] {
+            let err = given(vec![joined(Role::Member)])
+                .when(MembershipCommand::Timeout {
+                    actor_id: ACTOR,
+                    actor_role: Role::Moderator,
+                    duration_secs,
+                    reason: None,
+                })
+                .inspect_result()
+                .expect_err("refused");
+            assert!(
+                matches!(
+                    err,
+                    DomainError::Validation {
+                        field: "duration_secs",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+        given(vec![])
+            .when(warn(Role::Moderator))
+            .then_expect_error(DomainError::NotFound("member"));
+    }
+
+    #[test]
+    fn a_kicked_member_may_join_again() {
+        let kicked = MembershipEvent::MemberKicked {
+            community_id: COMMUNITY,
+            user_id: USER,
+            reason: None,
+        };
+        given(vec![joined(Role::Member), kicked])
+            .when(MembershipCommand::Join {
+                community_id: COMMUNITY,
+                user_id: USER,
+                context: OPEN,
+            })
+            .then_expect_events(vec![joined(Role::Member)]);
+    }
+
+    #[test]
+    fn admins_adjust_and_set_reputation_with_a_reason() {
+        let d = |x: f64| Decimal4::from_f64(x).expect("finite");
+        given(vec![joined(Role::Member)])
+            .when(MembershipCommand::AdjustReputation {
+                actor_id: ACTOR,
+                actor_role: Role::Admin,
+                delta: d(-12.5),
+                reason: " abuse ".into(),
+            })
+            .then_expect_events(vec![MembershipEvent::ReputationAdjusted {
+                community_id: COMMUNITY,
+                user_id: USER,
+                delta: d(-12.5),
+                reason: "abuse".into(),
+            }]);
+        given(vec![joined(Role::Member)])
+            .when(MembershipCommand::SetReputation {
+                actor_id: ACTOR,
+                actor_role: Role::Owner,
+                score: d(700.0),
+                reason: "appeal".into(),
+            })
+            .then_expect_events(vec![MembershipEvent::ReputationSet {
+                community_id: COMMUNITY,
+                user_id: USER,
+                score: d(700.0),
+                reason: "appeal".into(),
+            }]);
+        given(vec![joined(Role::Member)])
+            .when(MembershipCommand::AdjustReputation {
+                actor_id: ACTOR,
+                actor_role: Role::Moderator,
+                delta: d(1.0),
+                reason: "nice".into(),
+            })
+            .then_expect_error(DomainError::Forbidden(
+                "only owners and admins can change reputation".into(),
+            ));
+        for (reason, delta, field) in [
+            ("", 1.0, "reason"),
+            ("why", 0.0, "delta"),
+            ("why", 1000.5, "delta"),
+        ] {
+            let err = given(vec![joined(Role::Member)])
+                .when(MembershipCommand::AdjustReputation {
+                    actor_id: ACTOR,
+                    actor_role: Role::Admin,
+                    delta: d(delta),
+                    reason: reason.into(),
+                })
+                .inspect_result()
+                .expect_err("refused");
+            assert!(
+                matches!(err, DomainError::Validation { field: f, .. } if f == field),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_first_platform_activity_joins_once_and_never_over_a_ban() {
+        let from_platform = || MembershipCommand::JoinFromPlatform {
+            community_id: COMMUNITY,
+            user_id: USER,
+        };
+        given(vec![]).when(from_platform()).then_expect_events(vec![
+            MembershipEvent::MemberJoined {
+                community_id: COMMUNITY,
+                user_id: USER,
+                role: Role::Member,
+                via: Some(JoinVia::Activity),
+            },
+        ]);
+        for history in [
+            vec![joined(Role::Member)],
+            vec![joined(Role::Member), left()],
+            vec![banned()],
+        ] {
+            given(history)
+                .when(from_platform())
+                .then_expect_events(vec![]);
+        }
+    }
+
+    #[test]
+    fn a_shadow_membership_moves_and_the_registered_side_inherits_it() {
+        let registered = Uuid::from_u128(9);
+        given(vec![joined(Role::Member)])
+            .when(MembershipCommand::MoveTo {
+                to_user_id: registered,
+            })
+            .then_expect_events(vec![MembershipEvent::MembershipMoved {
+                community_id: COMMUNITY,
+                user_id: USER,
+                to_user_id: registered,
+            }]);
+        let inherit = |status| MembershipCommand::Inherit {
+            community_id: COMMUNITY,
+            user_id: USER,
+            shadow_status: Some(status),
+        };
+        given(vec![])
+            .when(inherit(MemberStatus::Active))
+            .then_expect_events(vec![MembershipEvent::MemberJoined {
+                community_id: COMMUNITY,
+                user_id: USER,
+                role: Role::Member,
+                via: Some(JoinVia::Merge),
+            }]);
+        given(vec![joined(Role::Admin)])
+            .when(inherit(MemberStatus::Active))
+            .then_expect_events(vec![]);
+        given(vec![])
+            .when(inherit(MemberStatus::Banned))
+            .then_expect_events(vec![MembershipEvent::MemberBanned {
+                community_id: COMMUNITY,
+                user_id: USER,
+                reason: Some("banned on a platform account now linked".into()),
+            }]);
+        given(vec![joined(Role::Owner)])
+            .when(inherit(MemberStatus::Banned))
+            .then_expect_events(vec![]);
     }
 }

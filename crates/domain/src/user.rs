@@ -25,6 +25,10 @@ pub struct User {
     /// Normalized (trimmed, lower-cased).
     pub email: String,
     pub identities: Vec<PlatformIdentity>,
+    /// Made for a platform account the hub did not know; never signs in.
+    pub shadow: bool,
+    /// The registered user a shadow was merged into (it holds nothing since).
+    pub merged_into: Option<Uuid>,
 }
 
 /// A platform account owned by the user; at most one per platform.
@@ -51,11 +55,26 @@ pub enum UserCommand {
         platform: Platform,
         platform_user_id: String,
     },
+    /// A hub user for a platform account not known before (its id from
+    /// [`rookery_events::user::shadow_user_id`]); a no-op when it exists.
+    CreateShadow {
+        user_id: Uuid,
+        platform: Platform,
+        platform_user_id: String,
+        username: String,
+    },
+    /// The registered user `into` claims this shadow user's account.
+    MergeInto { into: Uuid },
 }
 
 impl User {
     pub fn exists(&self) -> bool {
         self.id.is_some()
+    }
+
+    /// A registered (not shadow) user.
+    pub fn is_registered(&self) -> bool {
+        self.exists() && !self.shadow
     }
 
     /// The user's account on `platform`, if linked.
@@ -87,7 +106,7 @@ impl User {
                 platform_user_id,
                 username,
             } => {
-                if !self.exists() {
+                if !self.is_registered() {
                     return Err(DomainError::NotFound("user"));
                 }
                 validate_platform_user_id(&platform_user_id)?;
@@ -120,6 +139,44 @@ impl User {
                     }
                     _ => Err(DomainError::NotFound("platform identity")),
                 }
+            }
+            UserCommand::CreateShadow {
+                user_id,
+                platform,
+                platform_user_id,
+                username,
+            } => {
+                if self.exists() {
+                    return Ok(vec![]);
+                }
+                validate_platform_user_id(&platform_user_id)?;
+                validate_platform_username(&username)?;
+                Ok(vec![UserEvent::ShadowUserCreated {
+                    user_id,
+                    platform,
+                    platform_user_id,
+                    username: username.trim().to_string(),
+                }])
+            }
+            UserCommand::MergeInto { into } => {
+                if !self.shadow {
+                    return Err(DomainError::invalid_state(
+                        "only a shadow user can be merged",
+                    ));
+                }
+                if self.merged_into.is_some() {
+                    return Err(DomainError::conflict("this account was claimed already"));
+                }
+                let Some(identity) = self.identities.first() else {
+                    return Err(DomainError::invalid_state(
+                        "the shadow user holds no account",
+                    ));
+                };
+                Ok(vec![UserEvent::ShadowUserMerged {
+                    into,
+                    platform: identity.platform,
+                    platform_user_id: identity.platform_user_id.clone(),
+                }])
             }
         }
     }
@@ -174,6 +231,25 @@ impl Aggregate for User {
                 self.identities.retain(|i| {
                     !(i.platform == platform && i.platform_user_id == platform_user_id)
                 });
+            }
+            UserEvent::ShadowUserCreated {
+                user_id,
+                platform,
+                platform_user_id,
+                username,
+            } => {
+                self.id = Some(user_id);
+                self.shadow = true;
+                self.username = username.clone();
+                self.identities = vec![PlatformIdentity {
+                    platform,
+                    platform_user_id,
+                    username,
+                }];
+            }
+            UserEvent::ShadowUserMerged { into, .. } => {
+                self.merged_into = Some(into);
+                self.identities.clear();
             }
         }
     }
@@ -362,5 +438,76 @@ mod tests {
         given(vec![registered(), twitch_linked("12345"), unlinked])
             .when(link_twitch("67890"))
             .then_expect_events(vec![twitch_linked("67890")]);
+    }
+
+    fn shadow() -> UserEvent {
+        UserEvent::ShadowUserCreated {
+            user_id: Uuid::from_u128(7),
+            platform: Platform::Twitch,
+            platform_user_id: "42".into(),
+            username: "ferris".into(),
+        }
+    }
+
+    #[test]
+    fn a_shadow_user_is_created_once_and_holds_its_account() {
+        let create = || UserCommand::CreateShadow {
+            user_id: Uuid::from_u128(7),
+            platform: Platform::Twitch,
+            platform_user_id: "42".into(),
+            username: " ferris ".into(),
+        };
+        given(vec![])
+            .when(create())
+            .then_expect_events(vec![shadow()]);
+        given(vec![shadow()])
+            .when(create())
+            .then_expect_events(vec![]);
+        assert_eq!(
+            User::claims(&shadow()),
+            vec![ClaimOp::Take {
+                kind: crate::claims::kinds::PLATFORM_IDENTITY,
+                key: "twitch:42".into(),
+            }]
+        );
+        // A shadow user is not a registered one: it cannot link accounts of its own.
+        given(vec![shadow()])
+            .when(link_twitch("43"))
+            .then_expect_error(DomainError::NotFound("user"));
+    }
+
+    #[test]
+    fn a_merge_releases_the_shadows_account_once() {
+        let merged = UserEvent::ShadowUserMerged {
+            into: Uuid::from_u128(1),
+            platform: Platform::Twitch,
+            platform_user_id: "42".into(),
+        };
+        given(vec![shadow()])
+            .when(UserCommand::MergeInto {
+                into: Uuid::from_u128(1),
+            })
+            .then_expect_events(vec![merged.clone()]);
+        assert_eq!(
+            User::claims(&merged),
+            vec![ClaimOp::Release {
+                kind: crate::claims::kinds::PLATFORM_IDENTITY,
+                key: "twitch:42".into(),
+            }]
+        );
+        given(vec![shadow(), merged])
+            .when(UserCommand::MergeInto {
+                into: Uuid::from_u128(2),
+            })
+            .then_expect_error(DomainError::Conflict(
+                "this account was claimed already".into(),
+            ));
+        given(vec![registered()])
+            .when(UserCommand::MergeInto {
+                into: Uuid::from_u128(2),
+            })
+            .then_expect_error(DomainError::InvalidState(
+                "only a shadow user can be merged".into(),
+            ));
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::LazyLock;
 
 use regex::Regex;
+use rookery_events::{Decimal4, ReputationPolicy};
 
 use crate::DomainError;
 
@@ -113,6 +114,99 @@ pub fn validate_platform_user_id(platform_user_id: &str) -> Result<(), DomainErr
 /// Why a moderator did something: at most 500 characters.
 pub fn validate_reason(reason: &str) -> Result<(), DomainError> {
     max_chars("reason", reason, 500)
+}
+
+/// Why an admin changed a reputation: required, at most 500 characters.
+pub fn validate_required_reason(reason: &str) -> Result<(), DomainError> {
+    validate_text("reason", reason, 500)
+}
+
+/// A chat message: 1 to 10,000 characters; newlines and tabs are text, other control
+/// characters are not.
+pub fn validate_message_text(text: &str) -> Result<(), DomainError> {
+    if text.trim().is_empty() {
+        return Err(DomainError::validation("text", "must not be empty"));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+    {
+        return Err(DomainError::validation(
+            "text",
+            "must not contain control characters other than newlines and tabs",
+        ));
+    }
+    max_chars("text", text, 10_000)
+}
+
+/// A channel name: 1 to 100 characters.
+pub fn validate_channel(channel: &str) -> Result<(), DomainError> {
+    validate_text("channel", channel, 100)
+}
+
+/// A platform's id for a message or an activity: 1 to 128 of `[A-Za-z0-9_.:-]`.
+pub fn validate_message_external_id(external_id: &str) -> Result<(), DomainError> {
+    validate_external_id("external_id", external_id)
+}
+
+/// A currency code: 1 to 8 letters or digits (`USD`, `EUR`, `BITS`).
+pub fn validate_currency(currency: &str) -> Result<(), DomainError> {
+    if (1..=8).contains(&currency.len()) && currency.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(())
+    } else {
+        Err(DomainError::validation(
+            "data.currency",
+            "must be 1 to 8 letters or digits",
+        ))
+    }
+}
+
+/// A reputation policy: `0 ≤ min < max ≤ 10,000`, `start` and the auto-ban threshold within
+/// `[min, max]`, weights within ±1,000.
+pub fn validate_reputation_policy(policy: &ReputationPolicy) -> Result<(), DomainError> {
+    let (min, max) = (policy.min, policy.max);
+    if min.is_negative() || max > Decimal4::units(10_000) || min >= max {
+        return Err(DomainError::validation(
+            "max",
+            "the range must satisfy 0 <= min < max <= 10000",
+        ));
+    }
+    if policy.start < min || policy.start > max {
+        return Err(DomainError::validation(
+            "start",
+            "must be within [min, max]",
+        ));
+    }
+    if policy.auto_ban.threshold < min || policy.auto_ban.threshold > max {
+        return Err(DomainError::validation(
+            "auto_ban.threshold",
+            "must be within [min, max]",
+        ));
+    }
+    let w = &policy.weights;
+    let weights = [
+        ("weights.chat_message", w.chat_message),
+        ("weights.command_message", w.command_message),
+        ("weights.follow", w.follow),
+        ("weights.subscription_1000", w.subscription_1000),
+        ("weights.subscription_2000", w.subscription_2000),
+        ("weights.subscription_3000", w.subscription_3000),
+        ("weights.gift_subscription", w.gift_subscription),
+        ("weights.donation", w.donation),
+        ("weights.cheer", w.cheer),
+        ("weights.raid", w.raid),
+        ("weights.boost", w.boost),
+        ("weights.warn", w.warn),
+        ("weights.timeout", w.timeout),
+        ("weights.kick", w.kick),
+        ("weights.ban", w.ban),
+    ];
+    for (field, weight) in weights {
+        if weight.0.abs() > Decimal4::units(1_000).0 {
+            return Err(DomainError::validation(field, "must be within ±1000"));
+        }
+    }
+    Ok(())
 }
 
 fn validate_external_id(field: &'static str, id: &str) -> Result<(), DomainError> {

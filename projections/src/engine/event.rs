@@ -206,6 +206,7 @@ mod tests {
                     community_id: c,
                     user_id: u,
                     role: Role::Moderator,
+                    via: None,
                 })
                 .expect("serializes"),
             ),

@@ -95,11 +95,13 @@ async fn membership_lifecycle_folds_into_status_role_and_exact_count() {
         community_id: c,
         user_id: owner,
         role: Role::Owner,
+        via: None,
     })
     .m(MembershipEvent::MemberJoined {
         community_id: c,
         user_id: mod_,
         role: Role::Member,
+        via: None,
     })
     .m(MembershipEvent::MemberRoleChanged {
         community_id: c,
@@ -111,6 +113,7 @@ async fn membership_lifecycle_folds_into_status_role_and_exact_count() {
         community_id: c,
         user_id: leaver,
         role: Role::Member,
+        via: None,
     })
     .m(MembershipEvent::MemberLeft {
         community_id: c,
@@ -129,6 +132,7 @@ async fn membership_lifecycle_folds_into_status_role_and_exact_count() {
         community_id: c,
         user_id: leaver,
         role: Role::Vip,
+        via: None,
     })
     .m(MembershipEvent::MemberBanned {
         community_id: c,
@@ -193,6 +197,7 @@ async fn count_stays_exact_through_every_transition() {
             community_id: c,
             user_id: *u,
             role: Role::Member,
+            via: None,
         });
     }
     for u in &users[..5] {
@@ -224,6 +229,7 @@ async fn count_stays_exact_through_every_transition() {
             community_id: c,
             user_id: *u,
             role: Role::Member,
+            via: None,
         });
     }
     // Role changes and a pending request never move the count.
@@ -265,6 +271,7 @@ async fn registration_and_membership_converge_in_either_order() {
         community_id: c,
         user_id: u,
         role: Role::Member,
+        via: None,
     };
     let register = UserEvent::UserRegistered {
         user_id: u,
@@ -351,6 +358,7 @@ async fn membership_batch_waiting_on_a_registration_keeps_its_username() {
         community_id: c,
         user_id: u,
         role: Role::Member,
+        via: None,
     })
     .u(
         u,
@@ -444,6 +452,7 @@ async fn lists_page_with_keyset_cursors_filters_and_sorts() {
             community_id: c,
             user_id: u,
             role,
+            via: None,
         });
     }
     log.m(MembershipEvent::MemberLeft {
@@ -592,6 +601,7 @@ async fn a_batch_looks_members_up_by_key_after_the_table_grew() {
             community_id: c,
             user_id: Uuid::new_v4(),
             role: Role::Member,
+            via: None,
         });
         log.events[start..].to_vec()
     };

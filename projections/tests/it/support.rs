@@ -154,6 +154,7 @@ pub fn joined(c: Uuid, u: Uuid, role: Role) -> Ev {
         community_id: c,
         user_id: u,
         role,
+        via: None,
     })
 }
 
@@ -408,6 +409,7 @@ impl Scenario {
                         community_id: c,
                         user_id: u,
                         role: Role::Member,
+                        via: None,
                     },
                     S::Active,
                 ),

@@ -66,7 +66,8 @@ pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
         match decoded {
             AnyEvent::User(event) => {
                 let user_id = match &event {
-                    UserEvent::UserRegistered { user_id, .. } => *user_id,
+                    UserEvent::UserRegistered { user_id, .. }
+                    | UserEvent::ShadowUserCreated { user_id, .. } => *user_id,
                     _ => Uuid::parse_str(e.aggregate_id()).map_err(|err| {
                         e.poison(format!(
                             "user id `{}` is not a UUID: {err}",
@@ -83,7 +84,10 @@ pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
                     key: e.position(),
                 });
             }
-            AnyEvent::Community(_) | AnyEvent::Unknown => {}
+            AnyEvent::Community(_)
+            | AnyEvent::Message(_)
+            | AnyEvent::Activity(_)
+            | AnyEvent::Unknown => {}
         }
     }
     Ok(out)
@@ -304,26 +308,29 @@ impl Fold {
     fn apply_user(&mut self, user_id: Uuid, event: &UserEvent) {
         let slot = self.users.entry(user_id).or_default();
         let row = &mut slot.row;
-        match event {
+        let renamed = match event {
             UserEvent::UserRegistered { username, .. } => {
                 row.username.clone_from(username);
-                slot.renamed = true;
-                // Denormalised copies converge whichever of registration and membership arrives
-                // first: rows already loaded take the name here, the rest in the batch's write.
-                for c in self
-                    .by_user
-                    .get(&user_id)
-                    .into_iter()
-                    .flat_map(Communities::iter)
-                {
-                    if let Some(m) = self
-                        .members
-                        .get_mut(&(*c, user_id))
-                        .and_then(|s| s.row.as_mut())
-                    {
-                        m.username.clone_from(username);
-                    }
-                }
+                Some(username)
+            }
+            UserEvent::ShadowUserCreated {
+                platform,
+                platform_user_id,
+                username,
+                ..
+            } => {
+                // The platform's name is the shadow user's name, its account its identity.
+                row.username.clone_from(username);
+                row.identities = vec![Identity {
+                    platform: *platform,
+                    platform_user_id: platform_user_id.clone(),
+                    username: username.clone(),
+                }];
+                Some(username)
+            }
+            UserEvent::ShadowUserMerged { .. } => {
+                row.identities.clear();
+                None
             }
             UserEvent::PlatformIdentityLinked {
                 platform,
@@ -338,6 +345,7 @@ impl Fold {
                     username: username.clone(),
                 });
                 sort_identities(&mut row.identities);
+                None
             }
             UserEvent::PlatformIdentityUnlinked {
                 platform,
@@ -346,9 +354,29 @@ impl Fold {
                 row.identities.retain(|i| {
                     !(i.platform == *platform && &i.platform_user_id == platform_user_id)
                 });
+                None
+            }
+        };
+        slot.dirty = true;
+        if let Some(username) = renamed {
+            slot.renamed = true;
+            // Denormalised copies converge whichever of registration and membership arrives
+            // first: rows already loaded take the name here, the rest in the batch's write.
+            for c in self
+                .by_user
+                .get(&user_id)
+                .into_iter()
+                .flat_map(Communities::iter)
+            {
+                if let Some(m) = self
+                    .members
+                    .get_mut(&(*c, user_id))
+                    .and_then(|s| s.row.as_mut())
+                {
+                    m.username.clone_from(username);
+                }
             }
         }
-        slot.dirty = true;
     }
 
     fn apply_membership(&mut self, event: &MembershipEvent, at: DateTime<Utc>, key: LogPosition) {
@@ -406,8 +434,13 @@ impl Fold {
                 m.status = S::Left;
                 true
             }
-            (E::MemberRemoved { .. }, Some(m)) => {
+            (E::MemberRemoved { .. } | E::MemberKicked { .. }, Some(m)) => {
                 m.status = S::Removed;
+                true
+            }
+            // The membership now belongs to the registered user who claimed the shadow's account.
+            (E::MembershipMoved { .. }, Some(m)) => {
+                m.status = S::Left;
                 true
             }
             (E::MemberBanned { .. }, Some(m)) => {
@@ -476,6 +509,7 @@ mod tests {
                 community_id: C,
                 user_id: U,
                 role: Role::Member,
+                via: None,
             },
             1,
         ));
@@ -491,6 +525,7 @@ mod tests {
                 community_id: C,
                 user_id: U,
                 role: Role::Vip,
+                via: None,
             },
             3,
         ));
@@ -510,6 +545,7 @@ mod tests {
                 community_id: C,
                 user_id: U,
                 role: Role::Member,
+                via: None,
             },
             1,
         ));
