@@ -96,6 +96,32 @@ impl Bus {
                 c.partitions
             );
         }
+        let filter = self.partition_filter(partition);
+        self.open_consumer(durable, filter, partition, start_after_stream_seq)
+            .await
+    }
+
+    /// [`Bus::partition_consumer`] over every partition: the whole stream in its order, which
+    /// is the log's order (the relay publishes it so). For projections whose rows depend on the
+    /// order of events of different aggregates; its deliveries carry partition 0.
+    pub async fn log_consumer(
+        &self,
+        durable: &str,
+        start_after_stream_seq: u64,
+    ) -> anyhow::Result<PartitionConsumer> {
+        let filter = format!("{}.>", self.inner.config.subject_prefix);
+        self.open_consumer(durable, filter, 0, start_after_stream_seq)
+            .await
+    }
+
+    async fn open_consumer(
+        &self,
+        durable: &str,
+        filter_subject: String,
+        partition: u32,
+        start_after_stream_seq: u64,
+    ) -> anyhow::Result<PartitionConsumer> {
+        let c = &self.inner.config;
         if !is_name(durable) {
             bail!(
                 "`{durable}` is not a valid consumer name \
@@ -115,8 +141,8 @@ impl Bus {
         };
         let config = pull::Config {
             durable_name: Some(name.clone()),
-            description: Some(format!("rookery partition {partition}")),
-            filter_subject: self.partition_filter(partition),
+            description: Some(format!("rookery {filter_subject}")),
+            filter_subject,
             deliver_policy,
             // One ack per batch: acking a message acks every earlier one. Deliveries come in
             // stream order and a projection commits them in order, so nothing is acked that
@@ -132,12 +158,7 @@ impl Bus {
             .js
             .create_consumer_on_stream(config, &c.stream)
             .await
-            .with_context(|| {
-                format!(
-                    "creating consumer {name} on stream {} (partition {partition})",
-                    c.stream
-                )
-            })?;
+            .with_context(|| format!("creating consumer {name} on stream {}", c.stream))?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(PREFETCH)

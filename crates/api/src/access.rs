@@ -41,6 +41,25 @@ impl Communities {
     pub fn cached(&self, id: Uuid) -> Option<Arc<Loaded<Community>>> {
         self.cache.get(id)
     }
+
+    /// The community as last loaded, or loaded now; 404 when it does not exist. A command
+    /// decided on it guards its commit with the version, so a stale copy is never trusted.
+    pub async fn community(&self, id: Uuid) -> Result<Arc<Loaded<Community>>, ApiError> {
+        if let Some(community) = self.cached(id) {
+            return Ok(community);
+        }
+        let loaded = self.store.load::<Community>(&id.to_string()).await?;
+        if !loaded.aggregate.exists() {
+            return Err(community_not_found());
+        }
+        self.cache.remember(id, &loaded);
+        Ok(Arc::new(loaded))
+    }
+
+    /// Forgets `id` (a guard found the cached copy stale).
+    pub fn forget(&self, id: Uuid) {
+        self.cache.forget(id);
+    }
 }
 
 pub(crate) struct CommunityAccess {
@@ -128,6 +147,12 @@ const CACHED_COMMUNITIES: usize = 10_000;
 impl CommunityCache {
     fn get(&self, id: Uuid) -> Option<Arc<Loaded<Community>>> {
         self.entries.lock().ok()?.get(&id).cloned()
+    }
+
+    fn forget(&self, id: Uuid) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(&id);
+        }
     }
 
     fn remember(&self, id: Uuid, community: &Loaded<Community>) {

@@ -107,7 +107,13 @@ pub struct AuthUser {
     pub user_id: Uuid,
     /// Set for tokens scoped to one community.
     pub community_scope: Option<Uuid>,
+    /// The token's scopes (space-separated in its `scope` claim); none for a user's own token.
+    pub scopes: Vec<String>,
 }
+
+/// The scope of a service token: it acts for a platform integration (posting platform users'
+/// messages and activities) in the one community it is scoped to.
+pub const SERVICE_SCOPE: &str = "service";
 
 impl AuthUser {
     /// `actor` of the events this caller's commands write.
@@ -118,6 +124,11 @@ impl AuthUser {
     /// Whether this caller's token reaches `community_id` at all.
     pub fn reaches(&self, community_id: Uuid) -> bool {
         self.community_scope.is_none_or(|c| c == community_id)
+    }
+
+    /// Whether this is a service token of `community_id` (see [`SERVICE_SCOPE`]).
+    pub fn is_service_for(&self, community_id: Uuid) -> bool {
+        self.community_scope == Some(community_id) && self.scopes.iter().any(|s| s == SERVICE_SCOPE)
     }
 }
 
@@ -154,6 +165,13 @@ where
         Ok(AuthUser {
             user_id,
             community_scope: claims.community_id,
+            scopes: claims
+                .scope
+                .as_deref()
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
         })
     }
 }

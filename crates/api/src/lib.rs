@@ -17,6 +17,10 @@
 //! - [`auth`]: JWTs (HS256, pinned), argon2id passwords, rotating refresh tokens.
 //! - [`commands`]: the application service every command goes through.
 //! - `access`: community visibility and the caller's role, loaded from the event store.
+//! - `directory`: platform accounts' hub users and known memberships, as last seen.
+//! - `merge`: a registered user claiming a shadow user's platform account.
+//! - `ingest`: messages and activities from the platforms: who sent them (shadow users), and
+//!   their write without loads in the common case.
 //! - `read`: wait until a read model applied `min_position`, then query it (`read::after`).
 //! - [`routes`]: one module per resource (`auth`, `users`, `communities`, `members`, `ops`), each
 //!   with its handlers, wire types and `router()`; `api_router` merges them.
@@ -27,8 +31,11 @@ mod access;
 pub mod auth;
 pub mod commands;
 pub mod config;
+mod directory;
 pub mod error;
 pub mod extract;
+mod ingest;
+mod merge;
 pub mod metrics;
 pub mod openapi;
 mod read;

@@ -33,7 +33,10 @@ use crate::state::AppState;
         (name = "auth", description = "Registration, sign-in, token refresh"),
         (name = "users", description = "The signed-in hub user"),
         (name = "communities", description = "Communities and their platform servers"),
-        (name = "members", description = "Memberships, roles, bans"),
+        (name = "members", description = "Memberships, roles, moderation"),
+        (name = "messages", description = "Chat history, hub chat and platforms' messages"),
+        (name = "activities", description = "Platform activity: follows, subscriptions, cheers, …"),
+        (name = "reputation", description = "Scores, history, leaderboards, the policy"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     ),
     modifiers(&Conventions)

@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use crate::access::Communities;
 use crate::auth::JwtKeys;
 use crate::config::ApiConfig;
+use crate::directory::Directory;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -29,6 +30,7 @@ struct Inner {
     bus: Option<Bus>,
     metrics: Metrics,
     communities: Communities,
+    directory: Directory,
 }
 
 impl AppState {
@@ -46,6 +48,7 @@ impl AppState {
                 config,
                 bus,
                 metrics,
+                directory: Directory::default(),
             }),
         }
     }
@@ -62,6 +65,11 @@ impl AppState {
     /// Communities as access checks load them (with the cache a first join is decided on).
     pub(crate) fn communities(&self) -> &Communities {
         &self.inner.communities
+    }
+
+    /// Platform accounts' hub users and known memberships, as this process last saw them.
+    pub(crate) fn directory(&self) -> &Directory {
+        &self.inner.directory
     }
 
     pub fn store(&self) -> &EventStore {

@@ -783,8 +783,10 @@ mod tests {
 
     #[test]
     fn managers_set_a_valid_reputation_policy_from_now_on() {
-        let mut policy = ReputationPolicy::default();
-        policy.start = rookery_events::Decimal4::units(500);
+        let mut policy = ReputationPolicy {
+            start: rookery_events::Decimal4::units(500),
+            ..ReputationPolicy::default()
+        };
         policy.auto_ban.enabled = true;
         given(vec![created()])
             .when(CommunityCommand::SetReputationPolicy {
@@ -821,7 +823,8 @@ mod tests {
     #[test]
     fn a_reputation_policy_out_of_range_is_refused_naming_the_field() {
         use rookery_events::Decimal4;
-        let cases: Vec<(fn(&mut ReputationPolicy), &str)> = vec![
+        type Change = fn(&mut ReputationPolicy);
+        let cases: Vec<(Change, &str)> = vec![
             (|p| p.min = Decimal4::units(900), "max"),
             (|p| p.start = Decimal4::units(100), "start"),
             (

@@ -186,6 +186,18 @@ impl EventStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The aggregate id holding claim `(kind, key)`, if any (e.g. the hub user of a platform
+    /// account).
+    pub async fn claim_holder(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT aggregate_id FROM claims WHERE kind = $1 AND key = $2")
+                .bind(kind)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn begin(&self) -> Result<UnitOfWork, StoreError> {
         Ok(UnitOfWork {
             tx: self.pool.begin().await?,

@@ -112,6 +112,8 @@ pub trait EventRef {
     fn aggregate_type(&self) -> &str;
     fn aggregate_id(&self) -> &str;
     fn event_type(&self) -> &str;
+    /// `aggregate_type/aggregate_id/sequence`: the event's id on the bus and in histories.
+    fn message_id(&self) -> String;
     /// The payload as the event contract's types.
     fn decode(&self) -> Result<AnyEvent, serde_json::Error>;
     /// When it occurred, from its metadata: the only clock a projection may read.
@@ -142,6 +144,9 @@ impl EventRef for RecordedEvent {
     fn event_type(&self) -> &str {
         &self.event_type
     }
+    fn message_id(&self) -> String {
+        RecordedEvent::message_id(self)
+    }
     fn decode(&self) -> Result<AnyEvent, serde_json::Error> {
         RecordedEvent::decode(self)
     }
@@ -162,6 +167,9 @@ impl EventRef for RawEvent {
     }
     fn event_type(&self) -> &str {
         &self.event_type
+    }
+    fn message_id(&self) -> String {
+        RawEvent::message_id(self)
     }
     fn decode(&self) -> Result<AnyEvent, serde_json::Error> {
         RawEvent::decode(self)

@@ -29,4 +29,6 @@ pub mod status;
 pub mod worker;
 
 pub use event::{EventRef, PoisonEvent, RawEvent};
-pub use projection::{BulkFold, BulkStart, BulkWrite, NeedKeys, Projection, TableNames};
+pub use projection::{
+    partitions_of, BulkFold, BulkStart, BulkWrite, NeedKeys, Projection, TableNames,
+};

@@ -54,10 +54,28 @@ pub trait Projection: Send + Sync + 'static {
         None
     }
 
+    /// Whether this projection folds every event in the log's own order: one consumer over
+    /// all partitions and one active worker, instead of one per partition. For folds whose rows
+    /// depend on the order of events of different aggregates (a reputation clamped after every
+    /// change), which partitions would apply in different orders live and in a rebuild.
+    fn in_log_order(&self) -> bool {
+        false
+    }
+
     /// Whether events of `aggregate_type` are this projection's (see
     /// [`Projection::aggregate_types`]).
     fn folds(&self, aggregate_type: &str) -> bool {
         self.aggregate_types().contains(&aggregate_type)
+    }
+}
+
+/// The partitions `projection` is worked in on a bus of `bus_partitions`: one for a projection
+/// in log order, else the bus's. Checkpoints, floors and read-your-writes use this count.
+pub fn partitions_of(projection: &dyn Projection, bus_partitions: u32) -> u32 {
+    if projection.in_log_order() {
+        1
+    } else {
+        bus_partitions.max(1)
     }
 }
 

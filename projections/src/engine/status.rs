@@ -2,7 +2,7 @@
 
 use super::consistency::APPLIED_CTE;
 use super::state::{self, ProjectionStateRow};
-use super::{checkpoints, dead_letters, locks, Projection};
+use super::{checkpoints, dead_letters, locks, partitions_of, Projection};
 use chrono::{DateTime, Utc};
 use rookery_events::LogPosition;
 use serde::Serialize;
@@ -102,6 +102,10 @@ pub async fn status(
     for (name, version) in names {
         let state = states.iter().find(|s| s.projection == name);
         let dead_letters = dead.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c);
+        let partitions = known
+            .iter()
+            .find(|p| p.name() == name)
+            .map_or(partitions, |p| partitions_of(p.as_ref(), partitions));
         out.push(one(pool, &name, version, state, partitions, dead_letters).await?);
     }
     Ok(out)

@@ -7,8 +7,14 @@ use crate::engine::Projection;
 use std::sync::Arc;
 
 pub mod members;
+pub mod messages;
+pub mod reputation;
 
 /// Every projection this build runs.
 pub fn all() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(members::MembersProjection)]
+    vec![
+        Arc::new(members::MembersProjection),
+        Arc::new(messages::MessagesProjection),
+        Arc::new(reputation::ReputationProjection),
+    ]
 }

@@ -5,8 +5,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 use rookery_events::membership::membership_id;
 use rookery_events::{
-    CommunityEvent, JoinMode, LogPosition, MemberStatus, MembershipEvent, Platform, RecordedEvent,
-    Role, UserEvent,
+    Activity, ActivityEvent, CommunityEvent, Decimal4, JoinMode, LogPosition, MemberStatus,
+    MembershipEvent, MessageEvent, Platform, RecordedEvent, ReputationPolicy, Role, SubTier,
+    UserEvent,
 };
 use rookery_nats::{Bus, BusConfig, Relay, RelayConfig};
 use rookery_projections::{Projection, TableNames, WorkerConfig};
@@ -147,6 +148,8 @@ pub enum Ev {
     M(MembershipEvent),
     U(Uuid, UserEvent),
     C(Uuid, CommunityEvent),
+    Msg(Uuid, MessageEvent),
+    Act(Uuid, ActivityEvent),
 }
 
 pub fn joined(c: Uuid, u: Uuid, role: Role) -> Ev {
@@ -189,6 +192,14 @@ impl Ev {
             Ev::C(c, e) => {
                 let payload = serde_json::to_value(e).expect("event json");
                 ("community", c.to_string(), e.name(), payload)
+            }
+            Ev::Msg(id, e) => {
+                let payload = serde_json::to_value(e).expect("event json");
+                ("message", id.to_string(), e.name(), payload)
+            }
+            Ev::Act(id, e) => {
+                let payload = serde_json::to_value(e).expect("event json");
+                ("activity", id.to_string(), e.name(), payload)
             }
         }
     }
@@ -301,6 +312,8 @@ pub struct Scenario {
     /// and profile and join-mode changes now and then (every aggregate type a model may fold).
     mixed: bool,
     created: std::collections::BTreeSet<Uuid>,
+    /// Messages posted so far (a moderator may delete one), with their community.
+    messages: Vec<(Uuid, Uuid)>,
     pub communities: Vec<Uuid>,
     pub users: Vec<Uuid>,
     pub state: BTreeMap<(Uuid, Uuid), MemberStatus>,
@@ -314,6 +327,7 @@ impl Scenario {
             rng: seed | 1,
             mixed: false,
             created: Default::default(),
+            messages: Vec::new(),
             communities,
             users,
             state: BTreeMap::new(),
@@ -368,8 +382,21 @@ impl Scenario {
                 ));
                 continue;
             }
+            let active = self.state.get(&(c, u)) == Some(&MemberStatus::Active);
+            if self.mixed && active && self.next(2) == 0 {
+                out.push(self.chat_or_activity(c, u));
+                continue;
+            }
             if self.mixed && self.next(8) == 0 {
-                let event = if self.next(2) == 0 {
+                let event = if self.next(5) == 0 {
+                    let mut policy = ReputationPolicy::default();
+                    policy.weights.chat_message = Decimal4::raw(1 + self.next(5000) as i64);
+                    policy.weights.warn = Decimal4::units(-(self.next(100) as i64));
+                    policy.max = Decimal4::units(700 + self.next(300) as i64);
+                    policy.auto_ban.enabled = self.next(2) == 0;
+                    policy.auto_ban.threshold = Decimal4::units(550);
+                    CommunityEvent::ReputationPolicySet { policy }
+                } else if self.next(2) == 0 {
                     CommunityEvent::JoinModeChanged {
                         join_mode: JoinMode::Approval,
                     }
@@ -465,6 +492,98 @@ impl Scenario {
         }
         self.events += out.len() as u64;
         out
+    }
+
+    /// A fresh id, deterministic in the seed.
+    fn id(&mut self) -> Uuid {
+        let hi = self.next(usize::MAX) as u128;
+        Uuid::from_u128(
+            (hi << 64) | u128::from(self.events as u32) << 32 | self.next(1 << 30) as u128,
+        )
+    }
+
+    /// For an active member: a chat message (now and then a bot command), an activity of any
+    /// kind, a moderator's warning, timeout or deletion, or an admin's adjustment.
+    fn chat_or_activity(&mut self, c: Uuid, u: Uuid) -> Ev {
+        let at =
+            DateTime::<Utc>::from_timestamp(1_767_225_600 + self.events as i64, 0).expect("time");
+        match self.next(12) {
+            0..=5 => {
+                let id = self.id();
+                self.messages.push((id, c));
+                let text = if self.next(4) == 0 {
+                    "!uptime"
+                } else {
+                    "hello there"
+                };
+                Ev::Msg(
+                    id,
+                    MessageEvent::MessagePosted {
+                        message_id: id,
+                        community_id: c,
+                        channel: "general".into(),
+                        sender_id: u,
+                        sender_username: "someone".into(),
+                        platform: Some(Platform::Twitch),
+                        external_id: Some(id.simple().to_string()),
+                        platform_user_id: Some(u.simple().to_string()),
+                        text: text.into(),
+                        sent_at: at,
+                    },
+                )
+            }
+            6..=8 => {
+                let activity = match self.next(7) {
+                    0 => Activity::Follow,
+                    1 => Activity::Subscription {
+                        tier: [SubTier::Tier1, SubTier::Tier2, SubTier::Tier3][self.next(3)],
+                    },
+                    2 => Activity::GiftSubscription {
+                        count: 1 + self.next(5) as u32,
+                    },
+                    3 => Activity::Cheer {
+                        bits: 1 + self.next(500) as u64,
+                    },
+                    4 => Activity::Donation {
+                        amount: Decimal4::raw(100 * (1 + self.next(2000) as i64)),
+                        currency: "USD".into(),
+                    },
+                    5 => Activity::Raid { viewers: 12 },
+                    _ => Activity::StreamOnline,
+                };
+                let id = self.id();
+                Ev::Act(
+                    id,
+                    ActivityEvent::ActivityRecorded {
+                        activity_id: id,
+                        community_id: c,
+                        user_id: u,
+                        platform: Platform::Twitch,
+                        external_id: id.simple().to_string(),
+                        platform_user_id: u.simple().to_string(),
+                        username: "someone".into(),
+                        activity,
+                        occurred_at: at,
+                    },
+                )
+            }
+            9 if !self.messages.is_empty() => {
+                let i = self.next(self.messages.len());
+                let (id, _) = self.messages.swap_remove(i);
+                Ev::Msg(id, MessageEvent::MessageDeleted { reason: None })
+            }
+            10 => Ev::M(MembershipEvent::MemberWarned {
+                community_id: c,
+                user_id: u,
+                reason: None,
+            }),
+            _ => Ev::M(MembershipEvent::ReputationAdjusted {
+                community_id: c,
+                user_id: u,
+                delta: Decimal4::raw(-(self.next(500_000) as i64)),
+                reason: "scenario".into(),
+            }),
+        }
     }
 
     pub fn active_count(&self, community: Uuid) -> i64 {
@@ -578,6 +697,9 @@ impl Projection for ModelCopy {
     }
     fn aggregate_types(&self) -> &'static [&'static str] {
         self.inner.aggregate_types()
+    }
+    fn in_log_order(&self) -> bool {
+        self.inner.in_log_order()
     }
     fn apply<'a>(
         &'a self,

@@ -190,7 +190,7 @@ pub(crate) async fn get(
     let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     access.require_visible()?;
     let count = members::member_count(state.pool(), id);
-    let member_count = read::after(&state, members::NAME, min, count).await?;
+    let member_count = read::after(&state, &[&members::MembersProjection], min, count).await?;
     let version = access.community.version;
     let c = access.community.aggregate;
     let mut headers = HeaderMap::new();

@@ -7,8 +7,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use rookery_domain::{Community, Membership, MembershipCommand, User};
 use rookery_events::membership::membership_id;
+use rookery_events::Tier;
 use rookery_events::{JoinMode, MemberStatus, Role};
 use rookery_projections::models::members::{self, MemberQuery, MemberSort, MemberView};
+use rookery_projections::models::reputation::ReputationProjection;
 use rookery_projections::support::{DEFAULT_LIMIT, MAX_LIMIT};
 use rookery_store::{Loaded, StoreError};
 use serde::{Deserialize, Serialize};
@@ -62,7 +64,7 @@ pub struct MembersQuery {
     /// Only memberships in this status (default `active`).
     #[param(value_type = Option<MemberStatus>)]
     pub status: Option<String>,
-    /// `joined_at` (default, oldest first) or `username`.
+    /// `joined_at` (default, oldest first), `username`, or `reputation` (highest first).
     #[param(value_type = Option<MemberSortParam>, inline)]
     pub sort: Option<String>,
     /// Page size, 1 to 200 (default 50).
@@ -80,6 +82,8 @@ pub enum MemberSortParam {
     /// Longest-standing members first.
     JoinedAt,
     Username,
+    /// Highest reputation first.
+    Reputation,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -95,6 +99,9 @@ pub struct MemberResponse {
     pub updated_at: String,
     /// The user's linked platform accounts.
     pub identities: Vec<IdentityResponse>,
+    /// Reputation in this community, rounded (`null` until the reputation model has scored them).
+    pub reputation: Option<i64>,
+    pub tier: Option<Tier>,
 }
 
 impl From<MemberView> for MemberResponse {
@@ -120,6 +127,8 @@ impl From<MemberView> for MemberResponse {
                     username: i.username,
                 })
                 .collect(),
+            reputation: m.reputation.map(|r| r.round()),
+            tier: m.reputation.map(Tier::of),
         }
     }
 }
@@ -131,10 +140,14 @@ pub struct MemberPageResponse {
     pub next_cursor: Option<String>,
 }
 
+/// The read models a member is shown from.
+const SHOWN_FROM: [&dyn rookery_projections::Projection; 2] =
+    [&members::MembersProjection, &ReputationProjection];
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct MemberPath {
-    id: Uuid,
-    user_id: Uuid,
+    pub(crate) id: Uuid,
+    pub(crate) user_id: Uuid,
 }
 
 fn parse_query_enum<T: std::str::FromStr>(
@@ -158,10 +171,13 @@ impl MembersQuery {
         let sort = match self.sort.as_deref().map(str::trim) {
             None | Some("") | Some("joined_at") => MemberSort::JoinedAt,
             Some("username") => MemberSort::Username,
+            Some("reputation") => MemberSort::Reputation,
             Some(other) => {
                 return Err(ApiError::invalid(
                     "sort",
-                    format!("unknown sort `{other}`; expected one of: joined_at, username"),
+                    format!(
+                        "unknown sort `{other}`; expected one of: joined_at, username, reputation"
+                    ),
                 ))
             }
         };
@@ -324,7 +340,7 @@ async fn join_without_load(
     }
 }
 
-async fn require_user(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
+pub(crate) async fn require_user(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
     let user = state.store().load::<User>(&user_id.to_string()).await?;
     if user.aggregate.exists() {
         Ok(())
@@ -352,7 +368,7 @@ pub(crate) async fn list(
     let access = CommunityAccess::load(state.communities(), &auth, id).await?;
     access.require_member()?;
     let list = members::list_members(state.pool(), id, &query);
-    let page = read::after(&state, members::NAME, min, list).await?;
+    let page = read::after(&state, &SHOWN_FROM, min, list).await?;
     let page = page.map(MemberResponse::from);
     Ok(Json(MemberPageResponse {
         items: page.items,
@@ -381,7 +397,7 @@ pub(crate) async fn get(
     let access = CommunityAccess::load(state.communities(), &auth, path.id).await?;
     access.require_member()?;
     let member = members::get_member(state.pool(), path.id, path.user_id);
-    match read::after(&state, members::NAME, min, member).await? {
+    match read::after(&state, &SHOWN_FROM, min, member).await? {
         Some(member) => Ok(Json(member.into())),
         None => Err(ApiError::not_found("member")),
     }

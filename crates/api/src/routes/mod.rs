@@ -12,10 +12,14 @@ use crate::extract::Json;
 use crate::openapi::{self, ApiDoc};
 use crate::state::AppState;
 
+pub mod activities;
 pub mod auth;
 pub mod communities;
 pub mod members;
+pub mod messages;
+pub mod moderation;
 pub mod ops;
+pub mod reputation;
 pub mod users;
 
 /// Every route, each documented in the OpenAPI document.
@@ -25,6 +29,10 @@ pub(crate) fn api_router() -> OpenApiRouter<AppState> {
         .merge(users::router())
         .merge(communities::router())
         .merge(members::router())
+        .merge(messages::router())
+        .merge(activities::router())
+        .merge(moderation::router())
+        .merge(reputation::router())
         .merge(ops::router())
         .merge(openapi::router())
 }

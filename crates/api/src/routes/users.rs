@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use rookery_domain::claims::{kinds, platform_key};
 use rookery_domain::{User, UserCommand};
 use rookery_events::Platform;
 use serde::{Deserialize, Serialize};
@@ -9,7 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::commands::{execute, CommandResult, Ctx};
+use crate::commands::{execute, timed, CommandResult, Ctx};
 use crate::error::ApiError;
 use crate::extract::{Json, Path, RequestMeta};
 use crate::openapi::{
@@ -83,7 +84,9 @@ pub(crate) async fn me(
 }
 
 /// Links a platform account to the signed-in user. One hub user per platform account, one
-/// account per platform per user; linking the same account again changes nothing (200).
+/// account per platform per user; linking the same account again changes nothing (200). An
+/// account the hub knew only from the platform (a shadow user) is claimed: its memberships and
+/// reputation history move to the signed-in user.
 #[utoipa::path(post, path = "/v1/users/me/identities", tag = "users",
     request_body = LinkIdentityRequest,
     params(("If-Match" = Option<String>, Header, description = "Expected user version")),
@@ -100,6 +103,33 @@ pub(crate) async fn link_identity(
     Json(body): Json<LinkIdentityRequest>,
 ) -> Result<(StatusCode, Json<CommandResult>), ApiError> {
     let ctx = Ctx::new(&auth, meta);
+    let key = platform_key(body.platform, &body.platform_user_id);
+    let holder = state
+        .store()
+        .claim_holder(kinds::PLATFORM_IDENTITY, &key)
+        .await?;
+    if let Some(holder) = holder.filter(|h| *h != auth.user_id.to_string()) {
+        let held_by = state.store().load::<User>(&holder).await?;
+        if held_by.aggregate.shadow && held_by.aggregate.merged_into.is_none() {
+            let result = timed(
+                "user.link_identity",
+                crate::merge::claim_shadow(
+                    &state,
+                    &ctx,
+                    auth.user_id,
+                    held_by,
+                    crate::directory::PlatformSender {
+                        platform: body.platform,
+                        platform_user_id: body.platform_user_id,
+                        username: body.username,
+                    },
+                ),
+            )
+            .await?;
+            return Ok(created_or_ok(result));
+        }
+        // Held by a registered user: the link below is refused as a taken claim (409).
+    }
     let result = execute::<User>(
         &state,
         &ctx,

@@ -204,32 +204,36 @@ async fn joins_decided_without_a_load_follow_the_stored_state() {
     );
 }
 
-/// Brings the members read model up to `position` without a bus (rebuilds from Postgres). The
+/// Brings every read model up to `position` without a bus (rebuilds from Postgres). The
 /// commit-safe head trails open transactions anywhere on the server (other tests'), so one pass
 /// may stop short: repeat until the position is applied.
 async fn catch_up_members(app: &App, position: &str) {
     let position: rookery_events::LogPosition = position.parse().expect("position token");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        rookery_projections::rebuild(
-            &app.db.pool,
-            std::sync::Arc::new(rookery_projections::models::members::MembersProjection),
-            4,
-            |_| {},
-        )
-        .await
-        .expect("members rebuild");
-        let applied = rookery_projections::is_applied(&app.db.pool, "members", 4, position)
+    for projection in rookery_projections::all() {
+        let partitions = rookery_projections::engine::partitions_of(projection.as_ref(), 4);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            rookery_projections::rebuild(&app.db.pool, projection.clone(), 4, |_| {})
+                .await
+                .expect("rebuild");
+            let applied = rookery_projections::is_applied(
+                &app.db.pool,
+                projection.name(),
+                partitions,
+                position,
+            )
             .await
             .expect("applied check");
-        if applied {
-            return;
+            if applied {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never reached {position}",
+                projection.name()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "members never reached {position}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

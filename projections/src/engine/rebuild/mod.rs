@@ -186,7 +186,7 @@ pub async fn rebuild_with(
     let mut run = Rebuild {
         pool,
         projection: projection.as_ref(),
-        partitions: partitions.max(1),
+        partitions: super::projection::partitions_of(projection.as_ref(), partitions),
         config,
         shadow: TableNames::shadow(projection.tables()),
         bulk: None,

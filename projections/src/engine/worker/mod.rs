@@ -33,7 +33,7 @@ mod partition;
 
 use super::checkpoints;
 use super::locks::LockSession;
-use super::projection::{Projection, TableNames};
+use super::projection::{partitions_of, Projection, TableNames};
 use super::state;
 use anyhow::{bail, Context as _};
 use partition::PartitionRun;
@@ -314,7 +314,7 @@ impl ProjectionWorker {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let name = self.shared.projection.name();
-        let partitions = self.shared.bus.config().partitions.max(1);
+        let partitions = self.shared.partitions();
         self.warn_on_version_mismatch().await;
         let token = CancellationToken::new();
         // Dropping the set (this future aborted) aborts the partition tasks with it.
@@ -353,7 +353,7 @@ impl ProjectionWorker {
         let name = shared.projection.name();
         let before = shared.stats.applied_total.load(Ordering::Relaxed);
         let token = CancellationToken::new();
-        for partition in 0..shared.bus.config().partitions.max(1) {
+        for partition in 0..shared.partitions() {
             shared.ensure().await?;
             let Some(generation) = shared.locks.try_lock(name, partition).await? else {
                 bail!("another worker holds partition {partition} of {name}");
@@ -404,16 +404,16 @@ impl ProjectionWorker {
 }
 
 impl Shared {
+    /// The partitions this projection is worked in (one for a projection in log order).
+    fn partitions(&self) -> u32 {
+        partitions_of(self.projection.as_ref(), self.bus.config().partitions)
+    }
+
     async fn ensure(&self) -> anyhow::Result<()> {
         let p = &self.projection;
-        checkpoints::ensure(
-            &self.pool,
-            p.name(),
-            p.version(),
-            self.bus.config().partitions,
-        )
-        .await
-        .with_context(|| format!("registering projection {}", p.name()))
+        checkpoints::ensure(&self.pool, p.name(), p.version(), self.partitions())
+            .await
+            .with_context(|| format!("registering projection {}", p.name()))
     }
 
     /// Standby until the partition lock is ours, work while it stays ours, repeat until shutdown.

@@ -218,10 +218,14 @@ impl PartitionRun {
             name,
             self.partition
         );
-        let consumer = shared
-            .bus
-            .partition_consumer(&durable, self.partition, cp.stream_seq)
-            .await?;
+        let consumer = if shared.projection.in_log_order() {
+            shared.bus.log_consumer(&durable, cp.stream_seq).await?
+        } else {
+            shared
+                .bus
+                .partition_consumer(&durable, self.partition, cp.stream_seq)
+                .await?
+        };
         self.consumer = Some(consumer);
         self.committed_seq = cp.stream_seq;
         Ok(())

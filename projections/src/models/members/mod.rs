@@ -26,7 +26,9 @@ pub mod fold;
 mod queries;
 
 pub use fold::Identity;
-pub use queries::{get_member, list_members, member_count, MemberQuery, MemberSort, MemberView};
+pub use queries::{
+    get_member, list_members, member_count, memberships_of, MemberQuery, MemberSort, MemberView,
+};
 
 use crate::engine::{BulkFold, BulkStart, Projection, TableNames};
 use crate::support::copy_in;

@@ -3,13 +3,13 @@
 use super::fold::Identity;
 use crate::support::paging::{self, Cursor, Page, QueryError};
 use chrono::{DateTime, SecondsFormat, Utc};
-use rookery_events::{MemberStatus, Role};
+use rookery_events::{Decimal4, MemberStatus, Role};
 use serde::Deserialize;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-/// List order. Both are ascending and tie-broken by user id, so pages never overlap or skip.
+/// List order, tie-broken by user id, so pages never overlap or skip.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberSort {
@@ -17,6 +17,8 @@ pub enum MemberSort {
     #[default]
     JoinedAt,
     Username,
+    /// Highest reputation first (members the reputation model has not scored yet last).
+    Reputation,
 }
 
 impl MemberSort {
@@ -25,6 +27,7 @@ impl MemberSort {
         match self {
             MemberSort::JoinedAt => "joined_at",
             MemberSort::Username => "username",
+            MemberSort::Reputation => "reputation",
         }
     }
 }
@@ -55,10 +58,17 @@ pub struct MemberView {
     pub joined_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub identities: Vec<Identity>,
+    /// The member's exact score, from the reputation model (`None` until it has one).
+    pub reputation: Option<Decimal4>,
 }
 
 const COLUMNS: &str = "m.community_id, m.user_id, m.username, m.role, m.status, m.joined_at, \
-     m.updated_at, COALESCE(u.identities, '[]'::jsonb) AS identities";
+     m.updated_at, COALESCE(u.identities, '[]'::jsonb) AS identities, r.score_e4";
+
+/// The tables a member is shown from: its row, its user's, its score (another model's, read
+/// here at query time only).
+const FROM: &str = "members m LEFT JOIN member_users u ON u.user_id = m.user_id
+     LEFT JOIN reputation_scores r ON r.community_id = m.community_id AND r.user_id = m.user_id";
 
 /// A page of a community's members.
 pub async fn list_members(
@@ -82,11 +92,16 @@ pub async fn list_members(
             "m.username, m.user_id",
             "(m.username, m.user_id) > ($5::text, $6)",
         ),
+        MemberSort::Reputation => (
+            "COALESCE(r.score_e4, -1) DESC, m.user_id",
+            "(COALESCE(r.score_e4, -1) < $5::bigint
+              OR (COALESCE(r.score_e4, -1) = $5::bigint AND m.user_id > $6))",
+        ),
     };
     // Two statements rather than `$5 IS NULL OR …`, so the planner can seek the index to the
     // cursor instead of filtering from the start of the community.
     let sql = format!(
-        "SELECT {COLUMNS} FROM members m LEFT JOIN member_users u ON u.user_id = m.user_id
+        "SELECT {COLUMNS} FROM {FROM}
          WHERE m.community_id = $1 AND m.status = $2 AND ($3::text IS NULL OR m.role = $3) {}
          ORDER BY {order} LIMIT $4",
         if after.is_some() {
@@ -104,6 +119,7 @@ pub async fn list_members(
         q = match key {
             SortKey::JoinedAt(t) => q.bind(*t),
             SortKey::Username(u) => q.bind(u.clone()),
+            SortKey::Reputation(score) => q.bind(*score),
         };
         q = q.bind(*user_id);
     }
@@ -120,16 +136,36 @@ pub async fn get_member(
     community_id: Uuid,
     user_id: Uuid,
 ) -> Result<Option<MemberView>, QueryError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM members m LEFT JOIN member_users u ON u.user_id = m.user_id
-         WHERE m.community_id = $1 AND m.user_id = $2"
-    );
+    let sql = format!("SELECT {COLUMNS} FROM {FROM} WHERE m.community_id = $1 AND m.user_id = $2");
     let row = sqlx::query(&sql)
         .bind(community_id)
         .bind(user_id)
         .fetch_optional(pool)
         .await?;
     Ok(row.as_ref().map(view).transpose()?)
+}
+
+/// The communities `user_id` has a membership row in, with its status.
+pub async fn memberships_of(
+    pool: &PgPool,
+    user_id: Uuid,
+) -> Result<Vec<(Uuid, MemberStatus)>, QueryError> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT community_id, status FROM members WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?;
+    rows.into_iter()
+        .map(|(c, status)| {
+            let status = status.parse::<MemberStatus>().map_err(|e| {
+                QueryError::Db(sqlx::Error::ColumnDecode {
+                    index: "status".into(),
+                    source: e.into(),
+                })
+            })?;
+            Ok((c, status))
+        })
+        .collect()
 }
 
 /// Active members of a community (0 when the read model knows none).
@@ -164,18 +200,23 @@ fn view(row: &PgRow) -> Result<MemberView, sqlx::Error> {
         updated_at: row.try_get("updated_at")?,
         identities: serde_json::from_value(identities)
             .map_err(|e| decode("identities", e.to_string()))?,
+        reputation: row
+            .try_get::<Option<i64>, _>("score_e4")?
+            .map(Decimal4::raw),
     })
 }
 
 enum SortKey {
     JoinedAt(DateTime<Utc>),
     Username(String),
+    Reputation(i64),
 }
 
 fn encode_cursor(sort: MemberSort, last: &MemberView) -> String {
     let key = match sort {
         MemberSort::JoinedAt => last.joined_at.to_rfc3339_opts(SecondsFormat::Micros, true),
         MemberSort::Username => last.username.clone(),
+        MemberSort::Reputation => last.reputation.map_or(-1, |r| r.0).to_string(),
     };
     Cursor::new(sort.tag(), key, last.user_id).encode()
 }
@@ -189,6 +230,9 @@ fn decode_cursor(token: &str, sort: MemberSort) -> Result<(SortKey, Uuid), Query
                 .with_timezone(&Utc),
         ),
         MemberSort::Username => SortKey::Username(cursor.key),
+        MemberSort::Reputation => {
+            SortKey::Reputation(cursor.key.parse().map_err(|_| QueryError::BadCursor)?)
+        }
     };
     Ok((key, cursor.id))
 }
@@ -209,6 +253,7 @@ mod tests {
                 .unwrap_or_default(),
             updated_at: DateTime::<Utc>::UNIX_EPOCH,
             identities: vec![],
+            reputation: None,
         };
         let token = encode_cursor(MemberSort::JoinedAt, &view);
         match decode_cursor(&token, MemberSort::JoinedAt) {

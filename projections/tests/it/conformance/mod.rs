@@ -17,6 +17,7 @@ use crate::support::{
 };
 use rookery_events::LogPosition;
 use rookery_projections::engine::checkpoints;
+use rookery_projections::engine::partitions_of;
 use rookery_projections::{
     dead_letters, is_applied, rebuild_with, run_until_idle, wait_for_position, Projection,
     ProjectionWorker, RebuildConfig,
@@ -155,13 +156,17 @@ async fn a_rebuild_under_writes_equals_an_incremental_build() {
     }
 }
 
-/// Every delivery of `partition` from the stream's start.
-async fn replay(env: &Env, partition: u32) -> Vec<rookery_nats::Delivery> {
-    let mut consumer = env
-        .bus
-        .partition_consumer("conformance_replay", partition, 0)
-        .await
-        .expect("consumer");
+/// Every delivery of `partition` from the stream's start (of the whole stream, for a
+/// projection in log order).
+async fn replay(env: &Env, p: &dyn Projection, partition: u32) -> Vec<rookery_nats::Delivery> {
+    let mut consumer = if p.in_log_order() {
+        env.bus.log_consumer("conformance_replay", 0).await
+    } else {
+        env.bus
+            .partition_consumer("conformance_replay", partition, 0)
+            .await
+    }
+    .expect("consumer");
     let mut out = Vec::new();
     loop {
         let more = consumer
@@ -204,8 +209,8 @@ async fn replaying_the_same_events_changes_nothing() {
             test_worker_config(),
         );
         let mut replayed = 0u64;
-        for partition in 0..PARTITIONS {
-            let deliveries = replay(&env, partition).await;
+        for partition in 0..partitions_of(p.as_ref(), PARTITIONS) {
+            let deliveries = replay(&env, p.as_ref(), partition).await;
             let n = deliveries.len() as u64;
             let again = worker
                 .apply_deliveries(partition, &deliveries)
@@ -240,6 +245,7 @@ async fn a_poisoned_event_is_parked_and_min_position_waits_for_it() {
     for model in models() {
         let env = model.world().await;
         let (p, name) = (model.projection.clone(), model.name());
+        let partitions = partitions_of(p.as_ref(), PARTITIONS);
         let mut scenario = scenario(13);
         write(&env, &mut scenario, 30).await;
         env.relay_all().await;
@@ -259,7 +265,7 @@ async fn a_poisoned_event_is_parked_and_min_position_waits_for_it() {
         let later = write(&env, &mut scenario, 5).await;
         env.relay_all().await;
         assert!(
-            !is_applied(&env.pool, name, PARTITIONS, later)
+            !is_applied(&env.pool, name, partitions, later)
                 .await
                 .expect("is_applied"),
             "{name}: nothing has applied the new events yet"
@@ -275,7 +281,7 @@ async fn a_poisoned_event_is_parked_and_min_position_waits_for_it() {
             "{name}: exactly the poisoned event is parked"
         );
         assert!(
-            wait_for_position(&env.pool, name, PARTITIONS, later, Duration::from_secs(5))
+            wait_for_position(&env.pool, name, partitions, later, Duration::from_secs(5))
                 .await
                 .expect("wait"),
             "{name}: min_position of a write after the poison is reached"
