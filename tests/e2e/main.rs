@@ -3,6 +3,7 @@
 
 mod auth;
 mod authz;
+mod chat;
 mod flow;
 mod layout;
 mod migrations;

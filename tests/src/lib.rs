@@ -218,13 +218,46 @@ impl TestApp {
         (id, body)
     }
 
-    /// An access token of `user` scoped to `community` (a service token, as the CLI will mint):
-    /// signed with the app's secret, valid for the usual access TTL.
+    /// An access token of `user` scoped to `community`: signed with the app's secret, valid
+    /// for the usual access TTL.
     pub fn scoped_token(&self, user: &TestUser, community: Uuid) -> String {
+        self.token_with(user, community, None)
+    }
+
+    /// A service token of `community` (scope `service`), acting as `user`: what a platform
+    /// integration posts messages and activities with.
+    pub fn service_token(&self, user: &TestUser, community: Uuid) -> String {
+        self.token_with(user, community, Some("service"))
+    }
+
+    fn token_with(&self, user: &TestUser, community: Uuid, scope: Option<&str>) -> String {
         let keys = rookery_api::auth::JwtKeys::new(&rookery_api::AuthConfig::new(JWT_SECRET));
         let mut claims = keys.claims_for(user.id, chrono::Utc::now());
         claims.community_id = Some(community);
+        claims.scope = scope.map(str::to_string);
         keys.sign(&claims).expect("sign a scoped token")
+    }
+
+    /// Events of one aggregate type and id, as `event_type`s in order.
+    pub async fn events_of(&self, aggregate_type: &str, aggregate_id: &str) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT event_type FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
+             ORDER BY sequence",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("events of an aggregate")
+    }
+
+    /// How many events of `event_type` the log holds.
+    pub async fn count_events(&self, event_type: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = $1")
+            .bind(event_type)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("count events")
     }
 
     pub async fn event_count(&self) -> i64 {

@@ -72,10 +72,11 @@ pub(crate) async fn claim_shadow(
 }
 
 /// The communities the shadow has a membership in that has not moved yet, from the members read
-/// model once it has applied everything committed so far.
+/// model once it has applied everything committed so far (not only the commit-safe head, which
+/// a long transaction anywhere on the server holds back).
 async fn shadow_communities(state: &AppState, shadow_id: Uuid) -> Result<Vec<Uuid>, ApiError> {
     let config = state.config();
-    if let Some(head) = rookery_store::log::committed_head(state.pool()).await? {
+    if let Some(head) = rookery_store::log::latest(state.pool()).await? {
         let caught_up = rookery_projections::wait_for_position(
             state.pool(),
             members::NAME,

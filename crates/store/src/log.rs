@@ -182,6 +182,18 @@ where
     Ok(row.map(|(t, g)| LogPosition::from_db(t, g)))
 }
 
+/// The key of the last event visible now (committed), commit-safe or not: everything a reader
+/// has seen committed is at or below it. `None` for an empty log.
+pub async fn latest(pool: &PgPool) -> Result<Option<LogPosition>, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, global_position FROM events
+         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(t, g)| LogPosition::from_db(t, g)))
+}
+
 /// Number of committed events after `after` (for lag and progress).
 pub async fn count_after(pool: &PgPool, after: LogPosition) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
