@@ -21,10 +21,14 @@
 //!   checkpoints, locks, state, dead letters, consistency, status. It never names a model.
 //! - [`support`]: what models share — binary `COPY`, hashing and a Bloom filter, keyset paging
 //!   and the one [`QueryError`].
-//! - [`models`]: one folder per read model (`members`), and [`all()`], the registry.
+//! - [`models`]: one folder per read model (`members`, `messages`, `reputation`), and [`all()`],
+//!   the registry.
+//! - [`reactors`]: side effects driven by read models, gated behind the live position
+//!   (auto-ban).
 
 pub mod engine;
 pub mod models;
+pub mod reactors;
 pub mod support;
 
 pub use engine::consistency::{is_applied, wait_for_position};

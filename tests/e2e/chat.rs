@@ -627,3 +627,63 @@ async fn a_reputation_policy_applies_from_where_it_was_set() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
     assert_eq!(refused["errors"][0]["field"], "start");
 }
+
+/// With auto-ban on, a member whose score falls below the threshold is banned by the system,
+/// once, with reason `auto_ban`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_ban_bans_a_member_below_the_threshold_once() {
+    let chat = Chat::new("rook-autoban").await;
+    let app = &chat.app;
+    let (s, b) = app
+        .send(
+            Method::PUT,
+            &chat.path("/reputation-policy"),
+            Some(&chat.owner.token),
+            Some(json!({"auto_ban": {"enabled": true, "threshold": 450}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = chat.say("ivan", "i-1", "hi").await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let ivan = rookery_events::user::shadow_user_id(rookery_events::Platform::Twitch, "ivan");
+    let (s, b) = app
+        .send(
+            Method::POST,
+            &chat.path(&format!("/members/{ivan}/reputation")),
+            Some(&chat.owner.token),
+            Some(json!({"delta": -200, "reason": "abuse"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let membership = rookery_events::membership::membership_id(chat.community, ivan).to_string();
+    loop {
+        let events = app.events_of("membership", &membership).await;
+        if events.iter().any(|e| e == "MemberBanned") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never banned: {events:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let reason: String = sqlx::query_scalar(
+        "SELECT payload->'MemberBanned'->>'reason' FROM events
+         WHERE aggregate_id = $1 AND event_type = 'MemberBanned'",
+    )
+    .bind(&membership)
+    .fetch_one(&app.db.pool)
+    .await
+    .expect("the ban");
+    assert_eq!(reason, "auto_ban");
+    let actor: String = sqlx::query_scalar(
+        "SELECT metadata->>'actor' FROM events WHERE aggregate_id = $1 AND event_type = 'MemberBanned'",
+    )
+    .bind(&membership)
+    .fetch_one(&app.db.pool)
+    .await
+    .expect("the ban's actor");
+    assert_eq!(actor, "system:auto_ban");
+}

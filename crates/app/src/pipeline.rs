@@ -1,4 +1,4 @@
-//! The relay and the projection workers: where they run and what they run on.
+//! The relay, the projection workers and the reactors: where they run and what they run on.
 //!
 //! In `rookery up` they share the process with the API. Tokio schedules tasks cooperatively, so
 //! on the API's runtime a projection batch being decoded and folded held up the requests queued
@@ -11,6 +11,7 @@
 use crate::config::Config;
 use anyhow::Context;
 use rookery_nats::{Bus, Relay, RelayConfig};
+use rookery_projections::reactors::AutoBan;
 use rookery_projections::{ProjectionWorker, WorkerConfig};
 use rookery_store::{DbConfig, PgPool};
 use std::future::Future;
@@ -139,6 +140,9 @@ impl Pipeline {
         let relay = Relay::new(self.pool.clone(), self.bus, self.relay);
         let stopped = stop();
         report("relay", handle.spawn(relay.run(stopped)));
+        let auto_ban = AutoBan::new(self.pool.clone());
+        let stopped = stop();
+        report("auto-ban reactor", handle.spawn(auto_ban.run(stopped)));
         for worker in self.workers {
             let stopped = stop();
             report(

@@ -148,23 +148,42 @@ pub async fn save_rebuild_cursor(
 }
 
 /// Ends a rebuild in the switch transaction: the live tables now hold `version`.
+/// Everything at or below `head` is now the rebuild's work, not the live worker's (reactors act
+/// only above it).
 pub async fn finish_rebuild(
     conn: &mut PgConnection,
     projection: &str,
     version: i32,
+    head: LogPosition,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE projection_state
          SET state = 'running', version = $2, rebuild_version = NULL, rebuild_txid = NULL,
              rebuild_gpos = NULL, rebuild_done = NULL, rebuild_total = NULL,
-             rebuild_started_at = NULL, last_error = NULL, last_error_at = NULL, updated_at = now()
+             rebuild_started_at = NULL, last_error = NULL, last_error_at = NULL,
+             rebuilt_through_txid = $3, rebuilt_through_gpos = $4, updated_at = now()
          WHERE projection = $1",
     )
     .bind(projection)
     .bind(version)
+    .bind(head.txid_i64())
+    .bind(head.gpos)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Where `projection`'s last rebuild switched in (zero when it never was rebuilt): rows it
+/// holds for keys at or below this were produced by a rebuild, not live.
+pub async fn rebuilt_through(pool: &PgPool, projection: &str) -> Result<LogPosition, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT rebuilt_through_txid, rebuilt_through_gpos FROM projection_state
+         WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map_or(LogPosition::ZERO, |(t, g)| LogPosition::from_db(t, g)))
 }
 
 /// Records that a rebuild stopped on an error; its cursor stays, so running it again resumes.

@@ -5,6 +5,7 @@ mod batch_tx;
 mod conformance;
 mod locks;
 mod members;
+mod reactors;
 mod rebuild;
 mod support;
 mod worker;

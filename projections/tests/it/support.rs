@@ -232,6 +232,17 @@ impl Writer {
         }
     }
 
+    /// Takes every aggregate's sequence from the log again (after something else wrote to it).
+    pub async fn resync(&self) {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT aggregate_type || '/' || aggregate_id, max(sequence) FROM events GROUP BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("sequences");
+        *self.sequences.lock().expect("sequences") = rows.into_iter().collect();
+    }
+
     /// Writes `events` in one transaction; returns the last one's log key.
     pub async fn write(&self, events: &[Ev]) -> LogPosition {
         let rows: Vec<_> = events

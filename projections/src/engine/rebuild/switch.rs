@@ -76,7 +76,7 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
         }
         self.swap_tables(&mut tx).await?;
         checkpoints::raise_floor_all(&mut tx, name, self.partitions, head).await?;
-        state::finish_rebuild(&mut tx, name, p.version()).await?;
+        state::finish_rebuild(&mut tx, name, p.version(), head).await?;
         tx.commit().await.context("committing the switch")?;
         conn.keep();
         Ok(head)
