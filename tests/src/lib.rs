@@ -25,6 +25,20 @@ pub fn nats_url() -> String {
     rookery_store::testing::nats_url()
 }
 
+/// A port nothing listens on, for a child process to bind a moment later. Taken below Linux's
+/// ephemeral range (32768–60999): a port the OS hands out for `bind(0)` or as an outgoing
+/// connection's source port could be taken again, by another test running in parallel, before
+/// the child binds it.
+pub fn free_port() -> u16 {
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let start = (Uuid::new_v4().as_u128() % u128::from(SPAN)) as u16;
+    (0..SPAN)
+        .map(|i| LOW + (start + i) % SPAN)
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 /// Deletes a JetStream stream when dropped, over a connection of its own (the test's runtime may
 /// be unable to drive the app's connection while this blocks).
 pub struct StreamGuard {

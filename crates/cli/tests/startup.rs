@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use rookery_store::testing::TestDb;
+use rookery_tests::free_port;
 use serde_json::{json, Value};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -10,20 +11,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rookery");
-
-/// A port nothing listens on, for the child to bind a moment later. Taken below Linux's
-/// ephemeral range (32768–60999): a port the OS hands out for `bind(0)` or as an outgoing
-/// connection's source port could be taken again, by another test running in parallel, before
-/// the child binds it.
-fn free_port() -> u16 {
-    const LOW: u16 = 20_000;
-    const SPAN: u16 = 12_000;
-    let start = (uuid::Uuid::new_v4().as_u128() % u128::from(SPAN)) as u16;
-    (0..SPAN)
-        .map(|i| LOW + (start + i) % SPAN)
-        .find(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .unwrap()
-}
 
 fn nats_url() -> String {
     rookery_store::testing::nats_url()
