@@ -31,7 +31,7 @@ pub mod models;
 pub mod reactors;
 pub mod support;
 
-pub use engine::consistency::{is_applied, wait_for_position};
+pub use engine::consistency::{is_applied, wait_for_models, wait_for_position};
 pub use engine::dead_letters;
 pub use engine::rebuild::{rebuild, rebuild_with, RebuildConfig, RebuildProgress, RebuildReport};
 pub use engine::status::{PartitionStatus, ProjectionState, ProjectionStatus, RebuildStatus};

@@ -12,7 +12,6 @@
 use rookery_domain::{Membership, MembershipCommand, User, UserCommand};
 use rookery_events::membership::membership_id;
 use rookery_events::MemberStatus;
-use rookery_projections::engine::partitions_of;
 use rookery_projections::models::members::{self, MembersProjection};
 use rookery_store::Loaded;
 use uuid::Uuid;
@@ -77,16 +76,16 @@ pub(crate) async fn claim_shadow(
 async fn shadow_communities(state: &AppState, shadow_id: Uuid) -> Result<Vec<Uuid>, ApiError> {
     let config = state.config();
     if let Some(head) = rookery_store::log::latest(state.pool()).await? {
-        let caught_up = rookery_projections::wait_for_position(
+        let behind = rookery_projections::wait_for_models(
             state.pool(),
-            members::NAME,
-            partitions_of(&MembersProjection, config.partitions),
+            &[&MembersProjection],
+            config.partitions,
             head,
             config.read_wait,
         )
         .await
         .map_err(|e| ApiError::Internal(e.context("waiting for the members read model")))?;
-        if !caught_up {
+        if behind.is_some() {
             return Err(ApiError::Unavailable {
                 detail: "the members read model is behind; retry shortly".into(),
                 retry_after: Some(1),

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 
-use rookery_projections::engine::partitions_of;
 use rookery_projections::Projection;
 
 use crate::error::ApiError;
@@ -25,28 +24,23 @@ where
 {
     if let MinPosition(Some(position)) = min {
         let config = state.config();
-        let deadline = tokio::time::Instant::now() + config.read_wait;
-        for model in models {
-            let name = model.name();
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let reached = rookery_projections::wait_for_position(
-                state.pool(),
-                name,
-                partitions_of(*model, config.partitions),
-                position,
-                left,
-            )
-            .await
-            .map_err(|e| ApiError::Internal(e.context(format!("waiting for projection {name}"))))?;
-            if !reached {
-                return Err(ApiError::Unavailable {
-                    detail: format!(
-                        "the {name} read model has not reached position {position} yet; retry shortly"
-                    ),
-                    retry_after: Some(1),
-                    errors: vec![],
-                });
-            }
+        let behind = rookery_projections::wait_for_models(
+            state.pool(),
+            models,
+            config.partitions,
+            position,
+            config.read_wait,
+        )
+        .await
+        .map_err(|e| ApiError::Internal(e.context("waiting for the read models")))?;
+        if let Some(name) = behind {
+            return Err(ApiError::Unavailable {
+                detail: format!(
+                    "the {name} read model has not reached position {position} yet; retry shortly"
+                ),
+                retry_after: Some(1),
+                errors: vec![],
+            });
         }
     }
     Ok(query.await?)

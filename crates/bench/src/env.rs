@@ -56,6 +56,14 @@ impl Template {
     }
 }
 
+/// A stored MessagePosted event (hub chat: no platform fields), whose ids bulk inserts replace.
+#[derive(Clone, Debug)]
+pub struct MessageTemplate {
+    pub event_version: String,
+    pub payload: String,
+    pub metadata: String,
+}
+
 pub struct Env {
     /// The application's configuration: the bench database, stream and prefix, port 0.
     pub config: Config,
@@ -64,7 +72,12 @@ pub struct Env {
     pub keys: Arc<JwtKeys>,
     pub http: reqwest::Client,
     pub communities: Vec<Uuid>,
+    /// Service tokens of the communities (same order): what a platform integration posts
+    /// messages with.
+    pub service_tokens: Vec<String>,
     pub template: Option<Template>,
+    /// A stored hub-chat MessagePosted event: the shape of bulk-inserted messages.
+    pub message_template: Option<MessageTemplate>,
     /// The server the bench database lives on (its maintenance database), for the drop.
     admin_url: String,
     db_name: String,
@@ -80,6 +93,8 @@ pub struct RunningApp {
     pub addr: SocketAddr,
     /// The members worker's counters, when the app runs workers.
     pub members: Option<Arc<rookery_projections::WorkerStats>>,
+    /// The messages worker's counters, when the app runs workers.
+    pub messages: Option<Arc<rookery_projections::WorkerStats>>,
     stop: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -137,7 +152,9 @@ impl Env {
                 .context("DATABASE_URL")?,
             config: app_config,
             communities: Vec::new(),
+            service_tokens: Vec::new(),
             template: None,
+            message_template: None,
             admin_url,
             db_name,
             streams: vec![format!("rookery_bench_{id}")],
@@ -169,11 +186,13 @@ impl Env {
             .local_addr()
             .ok_or_else(|| anyhow::anyhow!("the application does not listen"))?;
         let members = app.projection_stats(rookery_projections::models::members::NAME);
+        let messages = app.projection_stats(rookery_projections::models::messages::NAME);
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
         self.apps.push(RunningApp {
             addr,
             members,
+            messages,
             stop,
             handle: Some(handle),
         });
@@ -235,9 +254,44 @@ impl Env {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| anyhow::anyhow!("community id missing in {body}"))?;
             self.communities.push(id);
+            self.service_tokens
+                .push(mint_service(&self.keys, owner, id)?);
         }
         let user = Uuid::new_v4();
         join(&self.http, &base, &self.token(user)?, self.communities[0]).await?;
+        // The bench's users are never registered (it mints their tokens), so the template is a
+        // platform user's message with the platform fields taken out: hub chat's shape.
+        post_message(
+            &self.http,
+            &base,
+            &self.service_tokens[0],
+            self.communities[0],
+            &json!({"channel": "general", "text": "the bench's template message",
+                    "platform": "twitch", "external_id": "template",
+                    "sender": {"platform_user_id": "template", "username": "template"}}),
+        )
+        .await?;
+        let row: (String, serde_json::Value, String) = sqlx::query_as(
+            "SELECT event_version, payload, metadata::text FROM events
+             WHERE event_type = 'MessagePosted' ORDER BY global_position DESC LIMIT 1",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the template message")?;
+        let mut payload = row.1;
+        if let Some(posted) = payload
+            .get_mut("MessagePosted")
+            .and_then(|p| p.as_object_mut())
+        {
+            for platform_field in ["platform", "external_id", "platform_user_id"] {
+                posted.remove(platform_field);
+            }
+        }
+        self.message_template = Some(MessageTemplate {
+            event_version: row.0,
+            payload: payload.to_string(),
+            metadata: row.2,
+        });
         let row: (String, String, String, String, String) = sqlx::query_as(
             "SELECT aggregate_type, event_type, event_version, payload::text, metadata::text
              FROM events WHERE event_type = 'MemberJoined' AND payload::text LIKE '%' || $1 || '%'
@@ -319,6 +373,78 @@ impl Env {
                 .await
                 .context("VACUUM (ANALYZE) events")?;
         }
+        Ok(missing)
+    }
+
+    /// Appends hub-chat MessagePosted events until the log holds `total` of them, sent by up
+    /// to 10,000 of the members the log holds (each in the community they joined), with one
+    /// INSERT … SELECT generate_series per chunk like [`Env::fill_log`].
+    pub async fn fill_chat(&self, total: u64, progress: &Progress) -> anyhow::Result<u64> {
+        let template = self
+            .message_template
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no template message"))?;
+        let have: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'MessagePosted'")
+                .fetch_one(&self.pool)
+                .await?;
+        let missing = total.saturating_sub(u64::try_from(have).unwrap_or(0));
+        if missing == 0 {
+            return Ok(0);
+        }
+        let (senders, communities): (Vec<Uuid>, Vec<Uuid>) = sqlx::query_as::<_, (Uuid, Uuid)>(
+            "SELECT (payload->'MemberJoined'->>'user_id')::uuid,
+                    (payload->'MemberJoined'->>'community_id')::uuid
+             FROM events WHERE event_type = 'MemberJoined' LIMIT 10000",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .context("choosing the senders")?
+        .into_iter()
+        .unzip();
+        if senders.is_empty() {
+            bail!("no members to send messages");
+        }
+        let chunk: u64 = 50_000;
+        let started = Instant::now();
+        let mut done = 0;
+        while done < missing {
+            let n = chunk.min(missing - done);
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                 SELECT 'message', s.m::text, 1, 'MessagePosted', $1,
+                        jsonb_set(jsonb_set(jsonb_set($2::jsonb,
+                            '{MessagePosted,message_id}', to_jsonb(s.m::text)),
+                            '{MessagePosted,sender_id}', to_jsonb(s.u::text)),
+                            '{MessagePosted,community_id}', to_jsonb(s.c::text)),
+                        $3::jsonb
+                 FROM (SELECT gen_random_uuid() AS m, ($4::uuid[])[1 + g % $6] AS u,
+                              ($5::uuid[])[1 + g % $6] AS c
+                       FROM generate_series(1, $7::bigint) AS g) AS s",
+            )
+            .bind(&template.event_version)
+            .bind(&template.payload)
+            .bind(&template.metadata)
+            .bind(&senders)
+            .bind(&communities)
+            .bind(i64::try_from(senders.len()).unwrap_or(1))
+            .bind(i64::try_from(n).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .context("bulk-inserting messages")?;
+            done += n;
+            progress.status(&format!(
+                "filling the log with chat: {}/{} messages ({:.0}/s)",
+                u64::try_from(have).unwrap_or(0) + done,
+                total,
+                super::stats::rate(done, started.elapsed())
+            ));
+        }
+        progress.status("vacuuming the log");
+        sqlx::query("VACUUM (ANALYZE) events")
+            .execute(&self.pool)
+            .await
+            .context("VACUUM (ANALYZE) events")?;
         Ok(missing)
     }
 
@@ -418,6 +544,48 @@ async fn delete_streams(nats_url: &str, streams: &[String]) -> anyhow::Result<()
 pub fn mint(keys: &JwtKeys, user: Uuid) -> anyhow::Result<String> {
     keys.sign(&keys.claims_for(user, chrono::Utc::now()))
         .map_err(|e| anyhow::anyhow!("signing a bench token: {e}"))
+}
+
+/// A service token of `community` acting as `user` (its owner): what a platform integration
+/// posts messages and activities with.
+pub fn mint_service(keys: &JwtKeys, user: Uuid, community: Uuid) -> anyhow::Result<String> {
+    let mut claims = keys.claims_for(user, chrono::Utc::now());
+    claims.community_id = Some(community);
+    claims.scope = Some("service".into());
+    keys.sign(&claims)
+        .map_err(|e| anyhow::anyhow!("signing a bench service token: {e}"))
+}
+
+/// `POST /v1/communities/{community}/messages` with `body`; the new message's id.
+pub async fn post_message(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    community: Uuid,
+    body: &serde_json::Value,
+) -> anyhow::Result<Uuid> {
+    let resp = http
+        .post(format!("{base}/v1/communities/{community}/messages"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .context("sending a message")?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.context("reading a message's answer")?;
+    if status != reqwest::StatusCode::CREATED {
+        bail!(
+            "message answered {status}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+        );
+    }
+    #[derive(serde::Deserialize)]
+    struct Created {
+        id: Uuid,
+    }
+    let created: Created =
+        serde_json::from_slice(&bytes).context("a message's answer has no id")?;
+    Ok(created.id)
 }
 
 /// `POST /v1/communities/{community}/members` as `token`'s user: one MemberJoined event.

@@ -64,6 +64,7 @@ pub enum Scenario {
     Commands,
     Memory,
     Latency,
+    Chat,
     Relay,
     Rebuild,
     Inbound,
@@ -71,10 +72,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Commands,
         Scenario::Memory,
         Scenario::Latency,
+        Scenario::Chat,
         Scenario::Relay,
         Scenario::Rebuild,
         Scenario::Inbound,
@@ -86,6 +88,7 @@ impl Scenario {
             Scenario::Commands => "commands",
             Scenario::Memory => "memory",
             Scenario::Latency => "latency",
+            Scenario::Chat => "chat",
             Scenario::Relay => "relay",
             Scenario::Rebuild => "rebuild",
             Scenario::Inbound => "inbound",
@@ -123,11 +126,14 @@ pub(crate) struct Plan {
     pub latency_drain: Duration,
     pub relay_events: u64,
     pub rebuild_events: u64,
+    /// Chat messages in the rebuilt log, on top of `rebuild_events` joins.
+    pub rebuild_messages: u64,
     pub scale_small: u64,
     pub scale_large: u64,
     pub scale_window: Duration,
     pub budget_commands: Duration,
     pub budget_latency: Duration,
+    pub budget_chat: Duration,
     pub budget_relay: Duration,
     pub budget_rebuild: Duration,
     pub budget_scale: Duration,
@@ -149,11 +155,13 @@ impl Plan {
                 latency_drain: s(5),
                 relay_events: 50_000,
                 rebuild_events: 100_000,
+                rebuild_messages: 50_000,
                 scale_small: 1_000,
                 scale_large: 100_000,
                 scale_window: s(2),
                 budget_commands: s(45),
                 budget_latency: s(20),
+                budget_chat: s(35),
                 budget_relay: s(25),
                 budget_rebuild: s(40),
                 budget_scale: s(15),
@@ -170,11 +178,13 @@ impl Plan {
                 latency_drain: s(10),
                 relay_events: 200_000,
                 rebuild_events: 1_000_000,
+                rebuild_messages: 500_000,
                 scale_small: 1_000,
                 scale_large: 1_000_000,
                 scale_window: s(5),
                 budget_commands: s(150),
                 budget_latency: s(60),
+                budget_chat: s(90),
                 budget_relay: s(120),
                 budget_rebuild: s(420),
                 budget_scale: s(60),
@@ -223,14 +233,14 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     if let Some(dir) = &options.plot {
-        match &report.latency_curve {
-            Some(curves) => {
-                let path = dir.join("latency.svg");
-                std::fs::write(&path, plot::svg(curves, &report.plot_title))
-                    .with_context(|| format!("writing {}", path.display()))?;
-                eprintln!("wrote {}", path.display());
-            }
-            None => eprintln!("--plot: the latency scenario did not run; no plot written"),
+        if report.plots.is_empty() {
+            eprintln!("--plot: no open-loop scenario ran; no plot written");
+        }
+        for (stem, title, curves) in &report.plots {
+            let path = dir.join(format!("{stem}.svg"));
+            std::fs::write(&path, plot::svg(curves, title))
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
         }
     }
     if options.json {

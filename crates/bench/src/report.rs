@@ -122,9 +122,8 @@ pub type Curves = Vec<(String, Curve)>;
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub figures: Vec<Figure>,
-    /// Percentile curves of the latency scenario (name, points) for `--plot`.
-    pub latency_curve: Option<Curves>,
-    pub plot_title: String,
+    /// Percentile curves of the open-loop scenarios for `--plot`: file stem, title, curves.
+    pub plots: Vec<(&'static str, String, Curves)>,
     /// Cores, memory, server versions.
     pub machine: String,
 }

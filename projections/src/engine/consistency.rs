@@ -6,6 +6,7 @@
 //! partitions that never saw anything relevant; idle workers raise their floor to keep that scan
 //! short.
 
+use super::projection::{partitions_of, Projection};
 use rookery_events::LogPosition;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -77,4 +78,24 @@ pub async fn wait_for_position(
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_millis(25));
     }
+}
+
+/// Waits until each of `models` has applied `position`, within `timeout` in all (each model
+/// read with its own partitioning). Returns the name of the first that did not get there.
+pub async fn wait_for_models(
+    pool: &PgPool,
+    models: &[&dyn Projection],
+    bus_partitions: u32,
+    position: LogPosition,
+    timeout: Duration,
+) -> anyhow::Result<Option<&'static str>> {
+    let deadline = Instant::now() + timeout;
+    for model in models {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let partitions = partitions_of(*model, bus_partitions);
+        if !wait_for_position(pool, model.name(), partitions, position, left).await? {
+            return Ok(Some(model.name()));
+        }
+    }
+    Ok(None)
 }

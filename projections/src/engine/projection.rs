@@ -131,6 +131,15 @@ pub trait BulkFold: Send + Sync {
     /// back), so that the same events can be folded again.
     fn discard(&mut self);
 
+    /// Whether `event` is one this fold leaves to the projection's own
+    /// [`apply`](Projection::apply): one that rewrites rows stored before it (rare, like a
+    /// shadow user's merge). The rebuild then writes what the fold holds, applies the event in a
+    /// transaction of its own, and goes on folding after it: from then on the tables may hold
+    /// rows this fold did not write.
+    fn by_apply(&mut self, _event: &RawEvent) -> bool {
+        false
+    }
+
     /// Logical tables this fold can fill without their unique indexes (primary key included)
     /// for as long as it only adds rows: building those once is cheaper than maintaining them
     /// row by row. The rebuild starts such tables without them when it can.

@@ -3,6 +3,16 @@
 use anyhow::Context as _;
 use sqlx::PgConnection;
 
+/// How a model's write creates rows that were not loaded from the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    /// `INSERT … ON CONFLICT DO UPDATE`, like every other row.
+    Upsert,
+    /// `COPY`: only for tables nobody else writes (a rebuild's shadow tables), where a row not
+    /// loaded is certainly absent.
+    Copy,
+}
+
 /// Rows in PostgreSQL's binary `COPY` format. Each value is encoded by sqlx exactly as a bound
 /// parameter of its type, so copied rows equal rows written by `INSERT` byte for byte.
 pub struct CopyRows {

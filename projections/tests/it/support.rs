@@ -5,9 +5,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::future::BoxFuture;
 use rookery_events::membership::membership_id;
 use rookery_events::{
-    Activity, ActivityEvent, CommunityEvent, Decimal4, JoinMode, LogPosition, MemberStatus,
-    MembershipEvent, MessageEvent, Platform, RecordedEvent, ReputationPolicy, Role, SubTier,
-    UserEvent,
+    Activity, ActivityEvent, CommunityEvent, Decimal4, JoinMode, JoinVia, LogPosition,
+    MemberStatus, MembershipEvent, MessageEvent, Platform, RecordedEvent, ReputationPolicy, Role,
+    SubTier, UserEvent,
 };
 use rookery_nats::{Bus, BusConfig, Relay, RelayConfig};
 use rookery_projections::{Projection, TableNames, WorkerConfig};
@@ -366,6 +366,12 @@ impl Scenario {
     /// The next 1–3 events (one transaction's worth).
     pub fn step(&mut self) -> Vec<Ev> {
         use MemberStatus as S;
+        if self.mixed && self.next(40) == 0 {
+            if let Some(merge) = self.merge() {
+                self.events += merge.len() as u64;
+                return merge;
+            }
+        }
         let mut out = Vec::new();
         for _ in 0..1 + self.next(3) {
             let i = self.next(self.users.len());
@@ -503,6 +509,64 @@ impl Scenario {
         }
         self.events += out.len() as u64;
         out
+    }
+
+    /// A registered user claims the platform account of a user never registered (a shadow
+    /// user) with active memberships, in one commit as the API does it: the shadow gives the
+    /// account up, each of its memberships moves, and the claimer joins where they were not a
+    /// member (unless banned there). The shadow does nothing afterwards.
+    fn merge(&mut self) -> Option<Vec<Ev>> {
+        use MemberStatus as S;
+        let shadows: Vec<Uuid> = self
+            .users
+            .iter()
+            .copied()
+            .filter(|u| !self.registered.contains_key(u))
+            .filter(|u| {
+                self.state
+                    .iter()
+                    .any(|((_, x), s)| x == u && *s == S::Active)
+            })
+            .collect();
+        let claimers: Vec<Uuid> = self.registered.keys().copied().collect();
+        if shadows.is_empty() || claimers.is_empty() {
+            return None;
+        }
+        let shadow = shadows[self.next(shadows.len())];
+        let into = claimers[self.next(claimers.len())];
+        let mut out = vec![Ev::U(
+            shadow,
+            UserEvent::ShadowUserMerged {
+                into,
+                platform: Platform::Twitch,
+                platform_user_id: shadow.simple().to_string(),
+            },
+        )];
+        let moved: Vec<Uuid> = self
+            .state
+            .iter()
+            .filter(|((_, u), s)| *u == shadow && **s == S::Active)
+            .map(|((c, _), _)| *c)
+            .collect();
+        for c in moved {
+            out.push(Ev::M(MembershipEvent::MembershipMoved {
+                community_id: c,
+                user_id: shadow,
+                to_user_id: into,
+            }));
+            self.state.insert((c, shadow), S::Left);
+            if !matches!(self.state.get(&(c, into)), Some(S::Active | S::Banned)) {
+                out.push(Ev::M(MembershipEvent::MemberJoined {
+                    community_id: c,
+                    user_id: into,
+                    role: Role::Member,
+                    via: Some(JoinVia::Merge),
+                }));
+                self.state.insert((c, into), S::Active);
+            }
+        }
+        self.users.retain(|u| *u != shadow);
+        Some(out)
     }
 
     /// A fresh id, deterministic in the seed.

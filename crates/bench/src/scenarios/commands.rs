@@ -1,5 +1,7 @@
 use anyhow::Context as _;
 use rookery_events::LogPosition;
+use rookery_projections::models::members::MembersProjection;
+use rookery_projections::{Projection, WorkerStats};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,14 +34,7 @@ pub(super) async fn commands(
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no template event"))?,
     );
-    // The same pool settings as the application's.
-    let mut db = rookery_store::DbConfig::new(&env.config.database_url);
-    db.max_connections = env.config.db_max_connections;
-    let raw_pool = rookery_store::connect(&db).await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw_events (LIKE events INCLUDING ALL)")
-        .execute(&raw_pool)
-        .await
-        .context("creating the raw insert table")?;
+    let raw_pool = raw_pool(env).await?;
 
     let peak_reset = memory && reset_peak_rss();
     let mut figures = Vec::new();
@@ -55,7 +50,13 @@ pub(super) async fn commands(
         // model may trail the window. It catches up before the limit's second half, which it
         // would otherwise slow, and how long that takes is reported beside the figure; the CPU
         // it takes meanwhile is the joins'.
-        let catch_up = catch_up(env, app, plan.commands_window).await?;
+        let catch_up = catch_up(
+            env,
+            env.app(app).members.as_deref(),
+            &[&MembersProjection],
+            plan.commands_window,
+        )
+        .await?;
         let cpu2 = Cpu::now();
         progress.status(&format!("commands c{c}: raw single-row inserts (limit)"));
         let raw2 = closed_loop(c, Duration::ZERO, plan.commands_window / 2, raw_op).await;
@@ -141,6 +142,19 @@ pub(super) async fn commands(
     Ok(figures)
 }
 
+/// A pool with the application's settings on the bench database, and the table raw commits
+/// go to.
+pub(super) async fn raw_pool(env: &Env) -> anyhow::Result<sqlx::PgPool> {
+    let mut db = rookery_store::DbConfig::new(&env.config.database_url);
+    db.max_connections = env.config.db_max_connections;
+    let pool = rookery_store::connect(&db).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw_events (LIKE events INCLUDING ALL)")
+        .execute(&pool)
+        .await
+        .context("creating the raw insert table")?;
+    Ok(pool)
+}
+
 /// One pgbench-style commit: a single events-shaped row, autocommit.
 pub(super) fn raw_insert_op(
     pool: sqlx::PgPool,
@@ -206,7 +220,7 @@ pub(super) struct CatchUp {
 }
 
 impl CatchUp {
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self.took {
             Some(t) => format!(
                 "{:.0} ms after the window ({} events behind at its end)",
@@ -221,29 +235,30 @@ impl CatchUp {
     }
 }
 
-/// Waits (at most `deadline`) until the members projection of application `app` has applied
-/// the whole log as it stands now.
-pub(super) async fn catch_up(env: &Env, app: usize, deadline: Duration) -> anyhow::Result<CatchUp> {
+/// Waits (at most `deadline` in all) until each of `models` in the running application has
+/// applied the whole log as it stands now; the backlog is counted by `worker`.
+pub(super) async fn catch_up(
+    env: &Env,
+    worker: Option<&WorkerStats>,
+    models: &[&dyn Projection],
+    deadline: Duration,
+) -> anyhow::Result<CatchUp> {
     let start = Instant::now();
-    let applied = || {
-        env.app(app)
-            .members
-            .as_ref()
-            .map_or(0, |m| m.applied_total.load(Ordering::Relaxed))
-    };
+    let applied = || worker.map_or(0, |w| w.applied_total.load(Ordering::Relaxed));
     let before = applied();
     let head = rookery_store::log::committed_head(&env.pool)
         .await
         .context("reading the log's head")?
         .unwrap_or(LogPosition::ZERO);
-    let caught_up = rookery_projections::wait_for_position(
+    let behind = rookery_projections::wait_for_models(
         &env.pool,
-        rookery_projections::models::members::NAME,
+        models,
         env.config.partitions,
         head,
         deadline,
     )
     .await?;
+    let caught_up = behind.is_none();
     Ok(CatchUp {
         backlog: applied().saturating_sub(before),
         took: caught_up.then(|| start.elapsed()),

@@ -1,4 +1,5 @@
 use anyhow::Context as _;
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,21 +15,89 @@ use crate::Plan;
 
 // ---- latency ----
 
-/// Open loop at a fixed rate: request `i` is due at `start + i/rate` whether or not earlier ones
-/// answered, and its latency runs from then (not from when it was actually sent) until its row
-/// is visible in the members table. One observer polls the read model every millisecond for all
-/// outstanding users at once, so observing adds one cheap indexed query per millisecond rather
-/// than one per request.
+/// One request on its way: `(community, key)` of the row it makes visible.
+pub(super) type Sent = BoxFuture<'static, anyhow::Result<(Uuid, Uuid)>>;
+
+/// What an open-loop scenario sends and where it looks for the effect.
+pub(super) struct Probe {
+    /// Figure names start with it (`latency` → `latency_p50`, …).
+    pub prefix: &'static str,
+    /// What one request is (`joins`) and the read model it shows in (`members`), for the notes.
+    pub what: &'static str,
+    pub seen_in: &'static str,
+    pub p50_target: Target,
+    /// Sends request `i`; on success the `(community, key)` whose row the read model will show.
+    pub send: Arc<dyn Fn(u64) -> Sent + Send + Sync>,
+    /// Of `$1` communities and `$2` keys (uuid arrays, pairwise), the keys visible now; one
+    /// probe by primary key per pair.
+    pub visible_sql: &'static str,
+    /// The worker whose commits wake the observer.
+    pub worker: Arc<rookery_projections::WorkerStats>,
+}
+
+/// Join command → visible in the members read model.
 pub(super) async fn latency(
     env: &Env,
     app: usize,
     plan: &Plan,
     progress: &Progress,
 ) -> anyhow::Result<(Vec<Figure>, Curves)> {
+    let (http, keys) = (env.http.clone(), env.keys.clone());
+    let base: Arc<str> = env.app(app).base().into();
+    let communities = Arc::new(env.communities.clone());
+    let probe = Probe {
+        prefix: "latency",
+        what: "joins",
+        seen_in: "members",
+        p50_target: P50_TARGET,
+        send: Arc::new(move |i| {
+            let (http, keys, base) = (http.clone(), keys.clone(), base.clone());
+            let community = communities[(i as usize) % communities.len().max(1)];
+            Box::pin(async move {
+                let user = Uuid::new_v4();
+                let token = mint(&keys, user)?;
+                join(&http, &base, &token, community).await?;
+                Ok((community, user))
+            })
+        }),
+        // By primary key, one probe per pending join: `user_id = ANY(…)` was planned as a
+        // scan of the whole table, which grew through the window (1.1 → 1.6 ms a query,
+        // the busiest statement on the server).
+        visible_sql: "SELECT m.user_id FROM UNNEST($1::uuid[], $2::uuid[]) AS k(c, u)
+                      CROSS JOIN LATERAL (SELECT user_id FROM members
+                                          WHERE community_id = k.c AND user_id = k.u
+                                          LIMIT 1) m",
+        worker: env
+            .app(app)
+            .members
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the bench application runs no members worker"))?,
+    };
+    open_loop(env, plan, progress, probe).await
+}
+
+/// Open loop at a fixed rate: request `i` is due at `start + i/rate` whether or not earlier ones
+/// answered, and its latency runs from then (not from when it was actually sent) until its row
+/// is visible in the read model. One observer asks the read model for all outstanding keys at
+/// once, so observing adds one cheap indexed query per millisecond rather than one per request.
+pub(super) async fn open_loop(
+    env: &Env,
+    plan: &Plan,
+    progress: &Progress,
+    probe: Probe,
+) -> anyhow::Result<(Vec<Figure>, Curves)> {
+    let Probe {
+        prefix,
+        what,
+        seen_in,
+        p50_target,
+        send,
+        visible_sql,
+        worker,
+    } = probe;
     let rate = f64::from(plan.latency_rate);
     let total = (rate * plan.latency_window.as_secs_f64()).round() as u64;
-    let base: Arc<str> = env.app(app).base().into();
-    // Accepted joins not yet seen in the read model: user → (community, due time).
+    // Accepted requests not yet seen in the read model: key → (community, due time).
     let pending: Arc<Mutex<HashMap<Uuid, (Uuid, Instant)>>> = Arc::default();
     let accepted: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let errors = Arc::new(AtomicU64::new(0));
@@ -38,12 +107,7 @@ pub(super) async fn latency(
 
     let start = Instant::now() + Duration::from_millis(50);
     let drain_deadline = start + plan.latency_window + plan.latency_drain;
-    let members = env
-        .app(app)
-        .members
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("the bench application runs no members worker"))?;
-    // Asks the read model after every committed members batch (at most every 1 ms, at least
+    // Asks the read model after every committed batch (at most every 1 ms, at least
     // every 5 ms): polling it every millisecond would itself be a thousand queries per second
     // on the cores being measured.
     let observer = {
@@ -55,12 +119,12 @@ pub(super) async fn latency(
         );
         tokio::spawn(async move {
             let mut visible = Vec::new();
-            let committed = members.committed.notified();
+            let committed = worker.committed.notified();
             tokio::pin!(committed);
             let mut asked = Instant::now();
             loop {
                 let _ = tokio::time::timeout(Duration::from_millis(5), committed.as_mut()).await;
-                committed.set(members.committed.notified());
+                committed.set(worker.committed.notified());
                 // Registered before the query, so a commit during it is not missed.
                 committed.as_mut().enable();
                 let next = asked + Duration::from_millis(1);
@@ -84,19 +148,11 @@ pub(super) async fn latency(
                 if Instant::now() >= drain_deadline {
                     break;
                 }
-                // By primary key, one probe per pending join: `user_id = ANY(…)` was planned as a
-                // scan of the whole table, which grew through the window (1.1 → 1.6 ms a query,
-                // the busiest statement on the server).
-                let found: Vec<Uuid> = sqlx::query_scalar(
-                    "SELECT m.user_id FROM UNNEST($1::uuid[], $2::uuid[]) AS k(c, u)
-                     CROSS JOIN LATERAL (SELECT user_id FROM members
-                                         WHERE community_id = k.c AND user_id = k.u
-                                         LIMIT 1) m",
-                )
-                .bind(&communities)
-                .bind(&users)
-                .fetch_all(&pool)
-                .await?;
+                let found: Vec<Uuid> = sqlx::query_scalar(visible_sql)
+                    .bind(&communities)
+                    .bind(&users)
+                    .fetch_all(&pool)
+                    .await?;
                 let now = Instant::now();
                 if let Ok(mut p) = pending.lock() {
                     for user in found {
@@ -116,11 +172,10 @@ pub(super) async fn latency(
     };
 
     progress.status(&format!(
-        "latency: open loop at {}/s for {:.0}s",
+        "{prefix}: open loop at {}/s for {:.0}s",
         plan.latency_rate,
         plan.latency_window.as_secs_f64()
     ));
-    let communities = Arc::new(env.communities.clone());
     // The sends are timed by a thread of their own with the OS timer: the runtime's timer has
     // 1 ms ticks and its tasks queue behind the application's, and every bit of lateness of a
     // send would be counted against the system under test.
@@ -130,12 +185,7 @@ pub(super) async fn latency(
     let generator = {
         let stop = stop.0.clone();
         let runtime = tokio::runtime::Handle::current();
-        let (http, keys, sent, inflight) = (
-            env.http.clone(),
-            env.keys.clone(),
-            sent.clone(),
-            inflight.clone(),
-        );
+        let (sent, inflight) = (sent.clone(), inflight.clone());
         let (pending, accepted, errors, first_error) = (
             pending.clone(),
             accepted.clone(),
@@ -158,7 +208,7 @@ pub(super) async fn latency(
                 behind.push(std::time::Instant::now().saturating_duration_since(due));
                 inflight.fetch_add(1, Ordering::SeqCst);
                 let due = Instant::from_std(due);
-                let (http, keys, base) = (http.clone(), keys.clone(), base.clone());
+                let request = send(i);
                 let (pending, accepted, errors, first_error, in_flight) = (
                     pending.clone(),
                     accepted.clone(),
@@ -166,22 +216,15 @@ pub(super) async fn latency(
                     first_error.clone(),
                     inflight.clone(),
                 );
-                let community = communities[(i as usize) % communities.len().max(1)];
                 requests.push(runtime.spawn(async move {
-                    let user = Uuid::new_v4();
-                    let outcome = async {
-                        let token = mint(&keys, user)?;
-                        join(&http, &base, &token, community).await
-                    }
-                    .await;
-                    match outcome {
-                        Ok(()) => {
+                    match request.await {
+                        Ok((community, key)) => {
                             let answered = Instant::now() - due;
                             if let Ok(mut a) = accepted.lock() {
                                 a.push(answered);
                             }
                             if let Ok(mut p) = pending.lock() {
-                                p.insert(user, (community, due));
+                                p.insert(key, (community, due));
                             }
                         }
                         Err(e) => {
@@ -201,9 +244,9 @@ pub(super) async fn latency(
     tokio::pin!(generator);
     let (requests, behind) = loop {
         tokio::select! {
-            done = &mut generator => break done.context("latency load generator")?,
+            done = &mut generator => break done.context("the open-loop load generator")?,
             _ = tokio::time::sleep(Duration::from_millis(100)) => progress.tick(&format!(
-                "latency: {}/{total} sent, {} in flight",
+                "{prefix}: {}/{total} sent, {} in flight",
                 sent.load(Ordering::Relaxed),
                 inflight.load(Ordering::Relaxed)
             )),
@@ -211,7 +254,9 @@ pub(super) async fn latency(
     };
     let sent_for = Instant::now() - start;
     sent_all.store(true, Ordering::SeqCst);
-    progress.status("latency: waiting for the last commands to become visible");
+    progress.status(&format!(
+        "{prefix}: waiting for the last {what} to become visible"
+    ));
     let aborts: Vec<_> = requests.iter().map(|r| r.abort_handle()).collect();
     let unanswered = match tokio::time::timeout(
         drain_deadline.saturating_duration_since(Instant::now()),
@@ -231,7 +276,7 @@ pub(super) async fn latency(
         .filter(|b| **b > Duration::from_millis(1))
         .count();
     let behind = Latencies::new(behind);
-    let (mut visible, unseen) = observer.await.context("latency observer")??;
+    let (mut visible, unseen) = observer.await.context("the open-loop observer")??;
     // Whether latency drifts over the window: the first and the last quarter of the sends.
     visible.sort_unstable_by_key(|(due, _)| *due);
     let quarter = |q: &[(Instant, Duration)]| {
@@ -259,7 +304,7 @@ pub(super) async fn latency(
     let p = |l: &Latencies, q: f64| l.percentile(q).map(stats::ms);
 
     let mut context = format!(
-        "{total} joins due at {}/s over {:.1}s (sent in {:.1}s, each behind its due time by p50 {:.3} ms / p99 {:.3} ms, {late_sends} by >1 ms); {n_visible} seen in members; p50 {:.1} ms in the window's first quarter, {:.1} ms in its last",
+        "{total} {what} due at {}/s over {:.1}s (sent in {:.1}s, each behind its due time by p50 {:.3} ms / p99 {:.3} ms, {late_sends} by >1 ms); {n_visible} seen in {seen_in}; p50 {:.1} ms in the window's first quarter, {:.1} ms in its last",
         plan.latency_rate,
         plan.latency_window.as_secs_f64(),
         sent_for.as_secs_f64(),
@@ -281,30 +326,36 @@ pub(super) async fn latency(
     let mut push = |name: &str, value: Option<f64>, target: Target, note: Option<String>| {
         let f = match value {
             Some(v) => Figure::new(name, v, "ms", None, target),
-            None => Figure::missing(name, "ms", target, "no command became visible".into()),
+            None => Figure::missing(
+                name,
+                "ms",
+                target,
+                format!("none of the {what} became visible"),
+            ),
         };
         figures.push(match note {
             Some(n) => f.with_note(n),
             None => f,
         });
     };
-    push("latency_p50", p(&lat, 0.5), P50_TARGET, Some(context));
-    push("latency_p99", p(&lat, 0.99), P99_TARGET, None);
+    let name = |suffix: &str| format!("{prefix}_{suffix}");
+    push(&name("p50"), p(&lat, 0.5), p50_target, Some(context));
+    push(&name("p99"), p(&lat, 0.99), P99_TARGET, None);
     push(
-        "latency_p999",
+        &name("p999"),
         p(&lat, 0.999),
         Target::None,
         lat.max().map(|m| format!("max {:.1} ms", stats::ms(m))),
     );
     push(
-        "latency_accept_p50",
+        &name("accept_p50"),
         p(&acc, 0.5),
         Target::None,
         Some("due time → 201 from the API (the command's share of the above)".into()),
     );
-    push("latency_accept_p99", p(&acc, 0.99), Target::None, None);
+    push(&name("accept_p99"), p(&acc, 0.99), Target::None, None);
     let curves = vec![
-        ("due → visible in members".to_string(), vis_curve),
+        (format!("due → visible in {seen_in}"), vis_curve),
         ("due → answered 201".to_string(), acc.curve()),
     ];
     Ok((figures, curves))

@@ -5,11 +5,13 @@
 //! - this module: the run in order, budgets, the machine line, the targets.
 //! - `commands`: commands/s against raw commits, and peak memory.
 //! - `cpu`: CPU time and peak memory from `/proc`.
-//! - `latency`: command → read model visible at a fixed rate.
+//! - `latency`: command → read model visible at a fixed rate (the open loop, shared with chat).
+//! - `chat`: chat ingest against raw commits, and message → visible in history.
 //! - `relay`: relay events/s against raw pipelined publishes.
-//! - `rebuild`: a members rebuild against a raw scan of the log.
+//! - `rebuild`: members, reputation and messages rebuilds against a raw scan of the log.
 //! - `scale`: command latency with a large log against a small one.
 
+mod chat;
 mod commands;
 mod cpu;
 mod latency;
@@ -24,6 +26,7 @@ use tokio::time::Instant;
 use crate::env::Env;
 use crate::report::{Figure, Progress, Report, Target};
 use crate::{Plan, Scenario};
+use chat::{chat, CHAT_CONCURRENCY};
 use commands::commands;
 use latency::latency;
 use rebuild::rebuild;
@@ -99,18 +102,51 @@ pub async fn run_all(
         match bounded(budget, latency(env, app, plan, progress)).await {
             Ok((figures, curves)) => {
                 report.figures.extend(figures);
-                report.plot_title = format!(
-                    "rookery: join command → visible in the members read model, open loop at {}/s ({})",
-                    plan.latency_rate,
-                    if plan.quick { "quick" } else { "full" }
-                );
-                report.latency_curve = Some(curves);
+                report.plots.push((
+                    "latency",
+                    format!(
+                        "rookery: join command → visible in the members read model, open loop at {}/s ({})",
+                        plan.latency_rate,
+                        if plan.quick { "quick" } else { "full" }
+                    ),
+                    curves,
+                ));
             }
             Err(why) => report.figures.extend(missing_all(
                 &[
                     ("latency_p50", "ms", P50_TARGET),
                     ("latency_p99", "ms", P99_TARGET),
                     ("latency_p999", "ms", Target::None),
+                ],
+                &why,
+            )),
+        }
+    }
+    if want(Scenario::Chat) {
+        let budget = budget(plan.budget_chat, deadline);
+        match bounded(budget, chat(env, app, plan, progress)).await {
+            Ok((figures, curves)) => {
+                report.figures.extend(figures);
+                report.plots.push((
+                    "chat",
+                    format!(
+                        "rookery: chat message → visible in the history, open loop at {}/s ({})",
+                        plan.latency_rate,
+                        if plan.quick { "quick" } else { "full" }
+                    ),
+                    curves,
+                ));
+            }
+            Err(why) => report.figures.extend(missing_all(
+                &[
+                    (
+                        &format!("chat_ingest_c{CHAT_CONCURRENCY}"),
+                        "messages/s",
+                        COMMANDS_TARGET,
+                    ),
+                    ("chat_visible_p50", "ms", Target::None),
+                    ("chat_visible_p99", "ms", P99_TARGET),
+                    ("chat_visible_p999", "ms", Target::None),
                 ],
                 &why,
             )),
@@ -131,7 +167,10 @@ pub async fn run_all(
         let budget = budget(plan.budget_rebuild, deadline);
         let figures = bounded(budget, rebuild(env, plan, progress, budget)).await;
         report.figures.extend(or_missing(figures, || {
-            vec![("rebuild".into(), "events/s", REBUILD_TARGET)]
+            ["rebuild", "rebuild_reputation", "rebuild_messages"]
+                .into_iter()
+                .map(|name| (name.to_string(), "events/s", REBUILD_TARGET))
+                .collect()
         }));
     }
     if want(Scenario::Inbound) {

@@ -2,7 +2,9 @@ use anyhow::Context as _;
 use futures::TryStreamExt;
 use rookery_events::LogPosition;
 use rookery_projections::models::members::MembersProjection;
-use rookery_projections::RebuildProgress;
+use rookery_projections::models::messages::MessagesProjection;
+use rookery_projections::models::reputation::ReputationProjection;
+use rookery_projections::{Projection, RebuildProgress};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -16,8 +18,10 @@ use crate::Plan;
 
 // ---- rebuild ----
 
-/// Rebuilds the members projection over the whole log (N events), against a streaming scan of
-/// the same events through the log reader. The scan runs first, so both read a warm cache.
+/// Rebuilds members, reputation and messages over the whole log (joins, then chat), each
+/// against a streaming scan of the whole log through the log reader. The scan runs first, so
+/// all read a warm cache. Each rebuild gets an even share of what is left of `budget`, and
+/// reports its rate so far when it runs out.
 pub(super) async fn rebuild(
     env: &Env,
     plan: &Plan,
@@ -26,6 +30,7 @@ pub(super) async fn rebuild(
 ) -> anyhow::Result<Vec<Figure>> {
     let started = Instant::now();
     env.fill_log(plan.rebuild_events, progress).await?;
+    env.fill_chat(plan.rebuild_messages, progress).await?;
     let head = env.committed_head().await?;
 
     progress.status("rebuild: streaming scan of the log (limit)");
@@ -36,35 +41,65 @@ pub(super) async fn rebuild(
         .context("scanning the log")?;
     let scan_rate = stats::rate(scanned, scan_started.elapsed());
 
-    progress.status(&format!("rebuild: members over {scanned} events"));
+    let models: [(&str, Arc<dyn Projection>); 3] = [
+        ("rebuild", Arc::new(MembersProjection)),
+        ("rebuild_reputation", Arc::new(ReputationProjection)),
+        ("rebuild_messages", Arc::new(MessagesProjection)),
+    ];
+    let mut figures = Vec::new();
+    let n = models.len() as u32;
+    for (i, (figure, projection)) in (0u32..).zip(models) {
+        // An even share of what is left, so a slow rebuild leaves time for the later ones.
+        let left = budget
+            .saturating_sub(started.elapsed())
+            .saturating_sub(Duration::from_secs(1))
+            / (n - i);
+        figures.push(
+            rebuild_one(
+                env,
+                figure,
+                projection,
+                (scanned, scan_rate),
+                left,
+                progress,
+            )
+            .await?,
+        );
+    }
+    Ok(figures)
+}
+
+/// One rebuild of `projection`, for at most `left`, as figure `figure`.
+async fn rebuild_one(
+    env: &Env,
+    figure: &str,
+    projection: Arc<dyn Projection>,
+    (scanned, scan_rate): (u64, f64),
+    left: Duration,
+    progress: &Progress,
+) -> anyhow::Result<Figure> {
+    let name = projection.name();
+    progress.status(&format!("rebuild: {name} over the log of {scanned} events"));
     let last: Arc<Mutex<Option<RebuildProgress>>> = Arc::default();
     let seen = last.clone();
-    // Leave a little of the budget to report a partial rate rather than nothing.
-    let left = budget
-        .saturating_sub(started.elapsed())
-        .saturating_sub(Duration::from_secs(1));
     let rebuild_started = Instant::now();
     let cpu_before = Cpu::now();
     let outcome = tokio::time::timeout(
         left,
-        rookery_projections::rebuild(
-            &env.pool,
-            Arc::new(MembersProjection),
-            env.config.partitions,
-            move |p| {
-                progress.tick(&format!(
-                    "rebuild: {}/{} events ({:.0}/s)",
-                    p.done, p.total, p.rate_per_sec
-                ));
-                if let Ok(mut l) = seen.lock() {
-                    *l = Some(p);
-                }
-            },
-        ),
+        rookery_projections::rebuild(&env.pool, projection, env.config.partitions, move |p| {
+            progress.tick(&format!(
+                "rebuild {name}: {}/{} events ({:.0}/s)",
+                p.done, p.total, p.rate_per_sec
+            ));
+            if let Ok(mut l) = seen.lock() {
+                *l = Some(p);
+            }
+        }),
     )
     .await;
     let mut note = format!(
-        "members projection, {scanned} events; limit: log::stream_committed over the same events"
+        "{name} projection over a log of {scanned} events; limit: log::stream_committed over \
+         the whole log"
     );
     if let (Some(a), Some(b), Ok(Ok(report))) = (cpu_before, Cpu::now(), &outcome) {
         note.push_str(&format!(
@@ -72,16 +107,16 @@ pub(super) async fn rebuild(
             b.minus(&a).describe(report.events, 1000)
         ));
     }
-    Ok(vec![match outcome {
+    Ok(match outcome {
         Ok(Ok(report)) => Figure::new(
-            "rebuild",
+            figure,
             stats::rate(report.events, report.elapsed),
             "events/s",
             Some(scan_rate),
             REBUILD_TARGET,
         )
         .with_note(format!("{note}; {report}")),
-        Ok(Err(e)) => return Err(e.context("rebuilding members")),
+        Ok(Err(e)) => return Err(e.context(format!("rebuilding {name}"))),
         Err(_) => {
             let done = last
                 .lock()
@@ -90,7 +125,7 @@ pub(super) async fn rebuild(
                 .map(|p| p.done)
                 .unwrap_or(0);
             Figure::new(
-                "rebuild",
+                figure,
                 stats::rate(done, rebuild_started.elapsed()),
                 "events/s",
                 Some(scan_rate),
@@ -100,5 +135,5 @@ pub(super) async fn rebuild(
                 "{note}; stopped at its time budget after {done} events: rate so far"
             ))
         }
-    }])
+    })
 }

@@ -2,13 +2,12 @@
 //! rebuild cursor (in the switch, a savepoint of its transaction). Poison events are parked with
 //! the batch that leaves them out.
 
+use super::bulk::Letter;
 use super::reader::Reader;
-use super::{dead_letters, state, Rebuild, RebuildProgress};
-use crate::engine::dead_letters::{NewDeadLetter, ParkedBy};
+use super::{state, Rebuild, RebuildProgress};
 use crate::engine::event::PoisonEvent;
 use anyhow::Context as _;
 use rookery_events::{LogPosition, RecordedEvent};
-use rookery_store::log::LogEntry;
 use sqlx::PgConnection;
 
 impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
@@ -32,26 +31,42 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
             let Some(last) = batch.last().map(|e| e.event.position) else {
                 continue;
             };
-            self.apply_batch(conn.as_deref_mut(), &batch, last).await?;
+            let n = batch.len() as u64;
+            let (events, partitions): (Vec<RecordedEvent>, Vec<u32>) = batch
+                .into_iter()
+                .filter(|e| {
+                    self.projection.folds(&e.event.aggregate_type)
+                        && !self.excluded.contains(&e.event.position)
+                })
+                .map(|e| {
+                    let partition = e.partition(self.partitions);
+                    (e.event, partition)
+                })
+                .unzip();
+            self.apply_batch(conn.as_deref_mut(), events, partitions, n, last)
+                .await?;
             cursor = last;
-            self.done += batch.len() as u64;
-            self.folded += batch.len() as u64;
+            self.done += n;
+            self.folded += n;
             self.report_progress();
         }
         Ok(cursor)
     }
 
-    /// Applies one batch (minus excluded events) and saves the cursor, parking poison events and
-    /// retrying without them.
+    /// Applies one batch (events of the projection's aggregates, not excluded, each with its
+    /// partition) and saves the cursor at `last` with `counted` more events done, parking
+    /// poison events and retrying without them.
     pub(super) async fn apply_batch(
         &mut self,
         conn: Option<&mut PgConnection>,
-        batch: &[LogEntry],
+        mut events: Vec<RecordedEvent>,
+        mut partitions: Vec<u32>,
+        counted: u64,
         last: LogPosition,
     ) -> anyhow::Result<()> {
         let name = self.projection.name();
         let mut outer = conn;
-        let mut new_poison: Vec<(usize, String)> = Vec::new();
+        let mut letters: Vec<Letter> = Vec::new();
         loop {
             let mut tx = match outer.as_deref_mut() {
                 Some(c) => sqlx::Connection::begin(c).await?,
@@ -65,53 +80,39 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
                     tx
                 }
             };
-            let events: Vec<RecordedEvent> = batch
-                .iter()
-                .filter(|e| {
-                    self.projection.folds(&e.event.aggregate_type)
-                        && !self.excluded.contains(&e.event.position)
-                })
-                .map(|e| e.event.clone())
-                .collect();
             match self.projection.apply(&mut tx, &self.shadow, &events).await {
                 Ok(()) => {}
                 Err(e) => {
                     let Some(p) = PoisonEvent::find(&e) else {
                         return Err(e);
                     };
-                    let Some(i) = batch.iter().position(|x| x.event.position == p.position) else {
+                    let Some(i) = events.iter().position(|x| x.position == p.position) else {
                         return Err(e);
                     };
                     if !self.excluded.insert(p.position) {
                         return Err(e);
                     }
                     tracing::warn!(projection = name, position = %p.position, reason = %p.reason, "poison event; parking it");
-                    new_poison.push((i, p.to_string()));
                     // Dropping `tx` rolls the batch (or its savepoint) back.
+                    let event = events.remove(i);
+                    letters.push(Letter {
+                        partition: partitions.remove(i),
+                        position: event.position,
+                        message_id: event.message_id(),
+                        event: serde_json::to_value(&event).ok(),
+                        error: p.to_string(),
+                    });
                     continue;
                 }
             }
-            for (i, reason) in &new_poison {
-                let entry = &batch[*i];
-                let letter = NewDeadLetter {
-                    projection: name,
-                    partition: entry.partition(self.partitions),
-                    stream_seq: None,
-                    position: Some(entry.event.position),
-                    message_id: Some(entry.event.message_id()),
-                    event: serde_json::to_value(&entry.event).ok(),
-                    error: reason,
-                    attempts: 1,
-                    parked_by: ParkedBy::Rebuild,
-                };
-                dead_letters::park(&mut tx, &letter).await?;
+            for letter in &letters {
+                letter.park(&mut tx, name).await?;
             }
-            let done = i64::try_from(self.done + batch.len() as u64).unwrap_or(i64::MAX);
-            let total =
-                i64::try_from(self.total.max(self.done + batch.len() as u64)).unwrap_or(i64::MAX);
+            let done = i64::try_from(self.done + counted).unwrap_or(i64::MAX);
+            let total = i64::try_from(self.total.max(self.done + counted)).unwrap_or(i64::MAX);
             state::save_rebuild_cursor(&mut tx, name, last, done, total).await?;
             tx.commit().await?;
-            self.parked += new_poison.len() as u64;
+            self.parked += letters.len() as u64;
             return Ok(());
         }
     }

@@ -104,28 +104,50 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
             let Some(last) = batch.last().map(|e| e.event.position) else {
                 continue;
             };
-            let n = batch.len();
-            let load: &mut PgConnection = match (conn.as_deref_mut(), own.as_deref_mut()) {
-                (Some(c), _) | (None, Some(c)) => c,
-                (None, None) => bail!("no connection to load rows through"),
-            };
+            // Entries of the batch not yet counted in a chunk (events of other aggregates too).
+            let mut uncounted = batch.len();
             let (mut events, mut partitions) = self.unpack(batch);
-            let mut keyed = false;
-            while !self
-                .fold_bulk_batch(load, &mut events, &mut partitions, &mut chunk.letters)
-                .await?
-            {
-                if keyed {
-                    bail!("the bulk fold asked for keys it was given");
+            // Events the fold leaves to `apply` split the batch: what precedes one is folded
+            // and written first.
+            while let Some(i) = self.by_apply_at(&events)? {
+                let mut rest = events.split_off(i);
+                let mut rest_partitions = partitions.split_off(i);
+                let event = rest.remove(0);
+                let partition = rest_partitions.remove(0);
+                if let Some(segment_last) = events.last().map(|e| e.position) {
+                    let load = loads(conn.as_deref_mut(), own.as_deref_mut())?;
+                    let folded = events.len();
+                    self.fold_segment(load, &mut writing, events, partitions, &mut chunk)
+                        .await?;
+                    chunk.events += folded;
+                    uncounted -= folded;
+                    chunk.last = segment_last;
                 }
-                // Building them waits for the chunk being written anyway.
+                let held = std::mem::replace(&mut chunk, Chunk::new(event.position));
+                if held.events > 0 || !held.letters.is_empty() {
+                    let target = Target::of(conn.as_deref_mut(), own.as_deref_mut(), pipelined);
+                    self.write_chunk(target, &mut writing, held).await?;
+                }
                 self.finish_writing(&mut writing).await?;
-                let keyless = self.keyless_tables();
-                build_missing_indexes(load, &keyless, Only::Unique).await?;
-                self.bulk_fold()?.set_keys(true);
-                keyed = true;
+                let recorded = event
+                    .to_recorded()
+                    .with_context(|| format!("event {} does not parse", event.position))?;
+                self.apply_batch(
+                    conn.as_deref_mut(),
+                    vec![recorded],
+                    vec![partition],
+                    1,
+                    event.position,
+                )
+                .await?;
+                uncounted -= 1;
+                self.chunk_committed(1, 0);
+                (events, partitions) = (rest, rest_partitions);
             }
-            chunk.events += n;
+            let load = loads(conn.as_deref_mut(), own.as_deref_mut())?;
+            self.fold_segment(load, &mut writing, events, partitions, &mut chunk)
+                .await?;
+            chunk.events += uncounted;
             chunk.last = last;
             // Rows held bound memory too: a chunk of events touching many rows each ends early.
             if chunk.events >= chunk_size || self.bulk_fold()?.held() >= 2 * chunk_size {
@@ -144,6 +166,40 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
             own.keep();
         }
         Ok(cursor)
+    }
+
+    /// Folds events of one batch in memory into `chunk`, building the keys of the keyless
+    /// tables first when the fold asks for them.
+    async fn fold_segment(
+        &mut self,
+        load: &mut PgConnection,
+        writing: &mut Option<Writing>,
+        mut events: Vec<RawEvent>,
+        mut partitions: Vec<u32>,
+        chunk: &mut Chunk,
+    ) -> anyhow::Result<()> {
+        let mut keyed = false;
+        while !self
+            .fold_bulk_batch(load, &mut events, &mut partitions, &mut chunk.letters)
+            .await?
+        {
+            if keyed {
+                bail!("the bulk fold asked for keys it was given");
+            }
+            // Building them waits for the chunk being written anyway.
+            self.finish_writing(writing).await?;
+            let keyless = self.keyless_tables();
+            build_missing_indexes(load, &keyless, Only::Unique).await?;
+            self.bulk_fold()?.set_keys(true);
+            keyed = true;
+        }
+        Ok(())
+    }
+
+    /// Where the first event the fold leaves to `apply` is in `events`.
+    fn by_apply_at(&mut self, events: &[RawEvent]) -> anyhow::Result<Option<usize>> {
+        let bulk = self.bulk_fold()?;
+        Ok(events.iter().position(|e| bulk.by_apply(e)))
     }
 
     pub(super) fn bulk_fold(&mut self) -> anyhow::Result<&mut Box<dyn BulkFold>> {
@@ -292,6 +348,17 @@ impl<F: FnMut(RebuildProgress) + Send> Rebuild<'_, F> {
     }
 }
 
+/// The connection rows are loaded through: the switch's, or the fold's own.
+fn loads<'c>(
+    switch: Option<&'c mut PgConnection>,
+    own: Option<&'c mut PgConnection>,
+) -> anyhow::Result<&'c mut PgConnection> {
+    match (switch, own) {
+        (Some(c), _) | (None, Some(c)) => Ok(c),
+        (None, None) => bail!("no connection to load rows through"),
+    }
+}
+
 /// Where [`Rebuild::write_chunk`] writes.
 pub(super) enum Target<'c> {
     /// Into the switch's transaction.
@@ -337,11 +404,35 @@ impl Chunk {
 
 /// A poison event to park.
 pub(super) struct Letter {
-    partition: u32,
-    position: LogPosition,
-    message_id: String,
-    event: Option<serde_json::Value>,
-    error: String,
+    pub(super) partition: u32,
+    pub(super) position: LogPosition,
+    pub(super) message_id: String,
+    pub(super) event: Option<serde_json::Value>,
+    pub(super) error: String,
+}
+
+impl Letter {
+    /// Parks it for `projection` in the caller's transaction (the one saving the cursor past
+    /// it).
+    pub(super) async fn park(
+        &self,
+        conn: &mut PgConnection,
+        projection: &'static str,
+    ) -> anyhow::Result<()> {
+        let letter = NewDeadLetter {
+            projection,
+            partition: self.partition,
+            stream_seq: None,
+            position: Some(self.position),
+            message_id: Some(self.message_id.clone()),
+            event: self.event.clone(),
+            error: &self.error,
+            attempts: 1,
+            parked_by: ParkedBy::Rebuild,
+        };
+        dead_letters::park(conn, &letter).await?;
+        Ok(())
+    }
 }
 
 /// A chunk being committed by a task.
@@ -361,18 +452,7 @@ pub(super) async fn commit_chunk(
 ) -> anyhow::Result<()> {
     write.write(&mut *conn).await?;
     for letter in &chunk.letters {
-        let letter = NewDeadLetter {
-            projection: name,
-            partition: letter.partition,
-            stream_seq: None,
-            position: Some(letter.position),
-            message_id: Some(letter.message_id.clone()),
-            event: letter.event.clone(),
-            error: &letter.error,
-            attempts: 1,
-            parked_by: ParkedBy::Rebuild,
-        };
-        dead_letters::park(&mut *conn, &letter).await?;
+        letter.park(&mut *conn, name).await?;
     }
     state::save_rebuild_cursor(&mut *conn, name, chunk.last, done, total).await?;
     Ok(())

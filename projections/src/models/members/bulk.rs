@@ -10,9 +10,9 @@
 //! even have their primary keys ([`BulkFold::keyless_tables`]).
 
 use super::fold::{self, Fold};
-use super::{load_members, load_users, write, Insert, Tables};
+use super::{load_members, load_users, write, Tables};
 use crate::engine::{BulkFold, BulkStart, BulkWrite, NeedKeys, RawEvent};
-use crate::support::{key_hash, KeyFilter, KeyHashState};
+use crate::support::{key_hash, Insert, KeyFilter, KeyHashState};
 use anyhow::{bail, Context as _};
 use futures::future::BoxFuture;
 use futures::TryStreamExt as _;

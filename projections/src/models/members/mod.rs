@@ -31,7 +31,7 @@ pub use queries::{
 };
 
 use crate::engine::{BulkFold, BulkStart, Projection, TableNames};
-use crate::support::copy_in;
+use crate::support::{copy_in, Insert};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fold::{Fold, MemberRow, UserRow};
@@ -293,15 +293,6 @@ fn member_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<((Uuid, Uuid), Memb
             key: LogPosition::from_db(row.try_get("txid")?, row.try_get("gpos")?),
         },
     ))
-}
-
-/// How [`write`] creates rows that were not loaded from the table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Insert {
-    /// `INSERT … ON CONFLICT DO UPDATE`, like every other row.
-    Upsert,
-    /// `COPY`: only for tables nobody else writes, where a row not loaded is certainly absent.
-    Copy,
 }
 
 /// Writes the changed rows back in key order (a stable lock order between concurrent

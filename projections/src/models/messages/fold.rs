@@ -5,7 +5,7 @@ use crate::support::KeyHashState;
 use chrono::{DateTime, Utc};
 use rookery_events::recorded::AnyEvent;
 use rookery_events::{LogPosition, MessageEvent, Platform, UserEvent};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 /// What a deleted message shows instead of its text.
@@ -102,13 +102,20 @@ pub fn needs(changes: &[Change]) -> Vec<Uuid> {
 pub struct Fold {
     /// `None`: known not to exist.
     pub messages: HashMap<Uuid, Option<MessageRow>, KeyHashState>,
+    /// Messages loaded as stored (the others are new).
+    pub stored: HashSet<Uuid, KeyHashState>,
     pub dirty: Vec<Uuid>,
     pub merged: Vec<(Uuid, Uuid)>,
 }
 
 impl Fold {
     pub fn load(&mut self, id: Uuid, row: Option<MessageRow>) {
-        self.messages.entry(id).or_insert(row);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.messages.entry(id) {
+            if row.is_some() {
+                self.stored.insert(id);
+            }
+            slot.insert(row);
+        }
     }
 
     pub fn apply(&mut self, change: &Change) {
@@ -178,13 +185,17 @@ impl Fold {
         }
     }
 
-    /// Changed rows, in id order (a stable lock order), each once.
-    pub fn dirty_rows(&self) -> Vec<(Uuid, &MessageRow)> {
+    /// Changed rows, in id order (a stable lock order), each once, and whether each was
+    /// loaded as stored.
+    pub fn dirty_rows(&self) -> Vec<(Uuid, &MessageRow, bool)> {
         let mut ids = self.dirty.clone();
         ids.sort_unstable();
         ids.dedup();
         ids.into_iter()
-            .filter_map(|id| self.messages.get(&id)?.as_ref().map(|r| (id, r)))
+            .filter_map(|id| {
+                let row = self.messages.get(&id)?.as_ref()?;
+                Some((id, row, self.stored.contains(&id)))
+            })
             .collect()
     }
 }

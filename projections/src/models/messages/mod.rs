@@ -11,12 +11,14 @@
 //!   txid, gpos`
 //! - `message_senders (sender_id) → user_id`: merged shadow users
 
+mod bulk;
 pub mod fold;
 mod queries;
 
 pub use queries::{list_messages, MessageQuery, MessageView};
 
-use crate::engine::{Projection, TableNames};
+use crate::engine::{BulkFold, BulkStart, Projection, TableNames};
+use crate::support::{copy_in, Insert};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fold::{Fold, MessageRow};
@@ -59,6 +61,15 @@ impl Projection for MessagesProjection {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(apply(conn, tables, events))
     }
+
+    fn bulk_fold(&self, tables: &TableNames, _start: BulkStart) -> Option<Box<dyn BulkFold>> {
+        // Only shadow tables are ours alone; anything else gets the batch-by-batch `apply`.
+        if !tables.exclusive() {
+            return None;
+        }
+        let t = Tables::new(tables).ok()?;
+        Some(Box::new(bulk::MessagesBulk::new(t)))
+    }
 }
 
 async fn apply(
@@ -70,29 +81,57 @@ async fn apply(
     if changes.is_empty() {
         return Ok(());
     }
-    let (messages, senders) = (tables.get("messages")?, tables.get("message_senders")?);
+    let t = Tables::new(tables)?;
     let mut state = Fold::default();
-    let needed = fold::needs(&changes);
-    if !needed.is_empty() {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM {messages} WHERE message_id = ANY($1)"
-        ))
-        .bind(&needed)
-        .fetch_all(&mut *conn)
-        .await
-        .context("loading messages")?;
-        for row in &rows {
-            let (id, message) = message_row(row)?;
-            state.load(id, Some(message));
-        }
-        for id in needed {
-            state.load(id, None);
-        }
-    }
+    load(conn, &t, fold::needs(&changes), &mut state).await?;
     for change in &changes {
         state.apply(change);
     }
-    write(conn, &messages, &senders, &state).await
+    write(conn, &t, &state, Insert::Upsert).await
+}
+
+/// Physical names of the tables.
+#[derive(Clone, Debug)]
+struct Tables {
+    messages: String,
+    senders: String,
+}
+
+impl Tables {
+    fn new(t: &TableNames) -> anyhow::Result<Self> {
+        Ok(Self {
+            messages: t.get("messages")?,
+            senders: t.get("message_senders")?,
+        })
+    }
+}
+
+/// Loads the messages `ids` names (one round trip); a missing one is held as absent.
+async fn load(
+    conn: &mut PgConnection,
+    t: &Tables,
+    ids: Vec<Uuid>,
+    state: &mut Fold,
+) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM {} WHERE message_id = ANY($1)",
+        t.messages
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await
+    .context("loading messages")?;
+    for row in &rows {
+        let (id, message) = message_row(row)?;
+        state.load(id, Some(message));
+    }
+    for id in ids {
+        state.load(id, None);
+    }
+    Ok(())
 }
 
 const COLUMNS: &str = "message_id, community_id, channel, sender_id, sender_username, platform, \
@@ -119,14 +158,39 @@ fn message_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<(Uuid, MessageRow)
     ))
 }
 
-/// Upserts the changed rows and adds the merges, in one statement.
+/// Writes the changed rows and adds the merges: with [`Insert::Copy`], rows not loaded by
+/// `COPY` first; the rest in one statement.
 async fn write(
     conn: &mut PgConnection,
-    messages: &str,
-    senders: &str,
+    t: &Tables,
     state: &Fold,
+    insert: Insert,
 ) -> anyhow::Result<()> {
-    let rows = state.dirty_rows();
+    let (copy, rows): (Vec<_>, Vec<_>) = state
+        .dirty_rows()
+        .into_iter()
+        .partition(|(_, _, stored)| insert == Insert::Copy && !stored);
+    if !copy.is_empty() {
+        let sql = format!("COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)", t.messages);
+        copy_in(conn, &sql, 14, copy, |out, (id, m, _)| {
+            out.value(&id)?;
+            out.value(&m.community_id)?;
+            out.value(&m.channel)?;
+            out.value(&m.sender_id)?;
+            out.value(&m.sender_username)?;
+            out.value(&m.platform.map(Platform::as_str))?;
+            out.value(&m.platform_user_id)?;
+            out.value(&m.external_id)?;
+            out.value(&m.text)?;
+            out.value(&m.sent_at)?;
+            out.value(&m.edited_at)?;
+            out.value(&m.deleted)?;
+            out.value(&m.key.txid_i64())?;
+            out.value(&m.key.gpos)
+        })
+        .await
+        .context("copying messages")?;
+    }
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut communities = Vec::with_capacity(n);
@@ -142,7 +206,7 @@ async fn write(
     let mut deleted = Vec::with_capacity(n);
     let mut txids = Vec::with_capacity(n);
     let mut gposs = Vec::with_capacity(n);
-    for (id, m) in &rows {
+    for (id, m, _) in &rows {
         ids.push(*id);
         communities.push(m.community_id);
         channels.push(m.channel.as_str());
@@ -163,21 +227,23 @@ async fn write(
     let mut parts = Vec::new();
     if !ids.is_empty() {
         parts.push(format!(
-            "m AS (INSERT INTO {messages} AS t ({COLUMNS})
+            "m AS (INSERT INTO {} AS t ({COLUMNS})
                    SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[],
                                         $6::text[], $7::text[], $8::text[], $9::text[],
                                         $10::timestamptz[], $11::timestamptz[], $12::bool[],
                                         $13::bigint[], $14::bigint[])
                    ON CONFLICT (message_id) DO UPDATE
                    SET text = EXCLUDED.text, edited_at = EXCLUDED.edited_at,
-                       deleted = EXCLUDED.deleted, txid = EXCLUDED.txid, gpos = EXCLUDED.gpos)"
+                       deleted = EXCLUDED.deleted, txid = EXCLUDED.txid, gpos = EXCLUDED.gpos)",
+            t.messages
         ));
     }
     if !merged_senders.is_empty() {
         parts.push(format!(
-            "s AS (INSERT INTO {senders} (sender_id, user_id)
+            "s AS (INSERT INTO {} (sender_id, user_id)
                    SELECT * FROM UNNEST($15::uuid[], $16::uuid[])
-                   ON CONFLICT (sender_id) DO UPDATE SET user_id = EXCLUDED.user_id)"
+                   ON CONFLICT (sender_id) DO UPDATE SET user_id = EXCLUDED.user_id)",
+            t.senders
         ));
     }
     if parts.is_empty() {

@@ -529,6 +529,12 @@ pub struct Needs {
     pub users: Vec<Uuid>,
 }
 
+impl Needs {
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.communities.is_empty() && self.users.is_empty()
+    }
+}
+
 pub fn needs(changes: &[Change]) -> Needs {
     let mut n = Needs::default();
     for change in changes {

@@ -20,6 +20,7 @@
 //! - `reputation_global (user_id) → score_e4, changes, updated_at`
 //! - `reputation_crossings (community_id, user_id, txid, gpos) → score_e4, threshold_e4, at`
 
+mod bulk;
 pub mod fold;
 mod queries;
 
@@ -28,7 +29,8 @@ pub use queries::{
     MemberReputation,
 };
 
-use crate::engine::{Projection, TableNames};
+use crate::engine::{BulkFold, BulkStart, Projection, TableNames};
+use crate::support::{copy_in, Insert};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use fold::{Change, Fold, GlobalRow, HistoryRow, ScoreRow};
@@ -72,6 +74,15 @@ impl Projection for ReputationProjection {
 
     fn in_log_order(&self) -> bool {
         true
+    }
+
+    fn bulk_fold(&self, tables: &TableNames, start: BulkStart) -> Option<Box<dyn BulkFold>> {
+        // Only shadow tables are ours alone; anything else gets the batch-by-batch `apply`.
+        if !tables.exclusive() {
+            return None;
+        }
+        let t = Tables::new(tables).ok()?;
+        Some(Box::new(bulk::ReputationBulk::new(t, start)))
     }
 
     fn apply<'a>(
@@ -162,7 +173,7 @@ async fn fold_and_write(
     for change in changes {
         state.apply(change);
     }
-    write(conn, t, &state).await
+    write(conn, t, &state, Insert::Upsert).await
 }
 
 /// Loads every row `needs` names (one round trip); a missing row is held as absent.
@@ -241,8 +252,15 @@ async fn load(
     Ok(())
 }
 
-/// Writes the fold's rows in one statement (key order: a stable lock order).
-async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Result<()> {
+/// Writes the fold's rows (key order: a stable lock order): with [`Insert::Copy`], rows not
+/// loaded and every history and crossing row by `COPY` first; the rest in one statement.
+async fn write(
+    conn: &mut PgConnection,
+    t: &Tables,
+    state: &Fold,
+    insert: Insert,
+) -> anyhow::Result<()> {
+    let copy = insert == Insert::Copy;
     let policies = state.dirty_policies();
     let (p_ids, p_values): (Vec<Uuid>, Vec<serde_json::Value>) = policies
         .iter()
@@ -250,7 +268,17 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         .collect::<anyhow::Result<Vec<_>>>()?
         .into_iter()
         .unzip();
-    let scores = state.dirty_scores();
+    let (copy_scores, scores): (Vec<_>, Vec<_>) = state
+        .dirty_scores()
+        .into_iter()
+        .partition(|(_, _, stored)| copy && !stored);
+    let (copy_globals, globals): (Vec<_>, Vec<_>) = state
+        .dirty_globals()
+        .into_iter()
+        .partition(|(_, _, stored)| copy && !stored);
+    if copy {
+        copy_rows(conn, t, &copy_scores, &copy_globals, state).await?;
+    }
     let mut s = Columns::default();
     for ((c, u), row, _) in &scores {
         s.c.push(*c);
@@ -259,7 +287,6 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         s.changes.push(row.changes);
         s.at.push(row.updated_at);
     }
-    let globals = state.dirty_globals();
     let mut g = Columns::default();
     for (u, row, _) in &globals {
         g.u.push(*u);
@@ -267,11 +294,16 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         g.changes.push(row.changes);
         g.at.push(row.updated_at);
     }
-    let h = HistoryColumns::of(&state.history);
+    let (history, crossings): (&[HistoryRow], &[fold::Crossing]) = if copy {
+        (&[], &[])
+    } else {
+        (&state.history, &state.crossings)
+    };
+    let h = HistoryColumns::of(history);
     let mut x = Columns::default();
-    let mut x_threshold = Vec::with_capacity(state.crossings.len());
+    let mut x_threshold = Vec::with_capacity(crossings.len());
     let (mut x_txid, mut x_gpos) = (Vec::new(), Vec::new());
-    for crossing in &state.crossings {
+    for crossing in crossings {
         x.c.push(crossing.community_id);
         x.u.push(crossing.user_id);
         x_txid.push(crossing.key.txid_i64());
@@ -370,6 +402,89 @@ async fn write(conn: &mut PgConnection, t: &Tables, state: &Fold) -> anyhow::Res
         .execute(&mut *conn)
         .await
         .context("writing reputation rows")?;
+    Ok(())
+}
+
+/// The rows a rebuild creates, by `COPY`: new scores and global scores, all history and
+/// crossings.
+async fn copy_rows(
+    conn: &mut PgConnection,
+    t: &Tables,
+    scores: &[((Uuid, Uuid), &fold::ScoreRow, bool)],
+    globals: &[(Uuid, &fold::GlobalRow, bool)],
+    state: &Fold,
+) -> anyhow::Result<()> {
+    if !scores.is_empty() {
+        let sql = format!(
+            "COPY {} (community_id, user_id, score_e4, changes, updated_at)
+             FROM STDIN (FORMAT binary)",
+            t.scores
+        );
+        copy_in(conn, &sql, 5, scores, |rows, ((c, u), row, _)| {
+            rows.value(c)?;
+            rows.value(u)?;
+            rows.value(&row.score.0)?;
+            rows.value(&row.changes)?;
+            rows.value(&row.updated_at)
+        })
+        .await
+        .context("copying reputation_scores")?;
+    }
+    if !globals.is_empty() {
+        let sql = format!(
+            "COPY {} (user_id, score_e4, changes, updated_at) FROM STDIN (FORMAT binary)",
+            t.global
+        );
+        copy_in(conn, &sql, 4, globals, |rows, (u, row, _)| {
+            rows.value(u)?;
+            rows.value(&row.score.0)?;
+            rows.value(&row.changes)?;
+            rows.value(&row.updated_at)
+        })
+        .await
+        .context("copying reputation_global")?;
+    }
+    if !state.history.is_empty() {
+        let sql = format!(
+            "COPY {} (community_id, user_id, seq, txid, gpos, source_event, kind, reason,
+                      points_e4, delta_e4, score_e4, at) FROM STDIN (FORMAT binary)",
+            t.history
+        );
+        copy_in(conn, &sql, 12, &state.history, |rows, r| {
+            rows.value(&r.community_id)?;
+            rows.value(&r.user_id)?;
+            rows.value(&r.seq)?;
+            rows.value(&r.key.txid_i64())?;
+            rows.value(&r.key.gpos)?;
+            rows.value(&r.source_event)?;
+            rows.value(&r.kind)?;
+            rows.value(&r.reason)?;
+            rows.value(&r.points.0)?;
+            rows.value(&r.delta.0)?;
+            rows.value(&r.score.0)?;
+            rows.value(&r.at)
+        })
+        .await
+        .context("copying reputation_history")?;
+    }
+    if !state.crossings.is_empty() {
+        let sql = format!(
+            "COPY {} (community_id, user_id, txid, gpos, score_e4, threshold_e4, at)
+             FROM STDIN (FORMAT binary)",
+            t.crossings
+        );
+        copy_in(conn, &sql, 7, &state.crossings, |rows, x| {
+            rows.value(&x.community_id)?;
+            rows.value(&x.user_id)?;
+            rows.value(&x.key.txid_i64())?;
+            rows.value(&x.key.gpos)?;
+            rows.value(&x.score.0)?;
+            rows.value(&x.threshold.0)?;
+            rows.value(&x.at)
+        })
+        .await
+        .context("copying reputation_crossings")?;
+    }
     Ok(())
 }
 
