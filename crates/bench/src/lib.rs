@@ -5,7 +5,7 @@
 //! swings of a shared disk cancel out of the ratio. The bench creates its own database on the
 //! configured Postgres server and its own streams on the configured NATS, and removes them
 //! afterwards, also after an error or Ctrl-C. Every scenario has a time budget; `--quick` keeps the
-//! whole run under two minutes, the full run under fifteen.
+//! whole run under three minutes, the full run under twenty.
 //!
 //! # Layout
 //! - [`stats`]: percentiles and rates (unit-tested).
@@ -34,7 +34,7 @@ use rookery_app::Config;
 /// What `rookery bench` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Shorter runs and smaller logs: the whole bench in under two minutes.
+    /// Shorter runs and smaller logs: the whole bench in under three minutes.
     pub quick: bool,
     /// Print `{"figures":[…]}` on stdout instead of the table.
     pub json: bool,
@@ -146,7 +146,7 @@ impl Plan {
         if options.quick {
             Plan {
                 quick: true,
-                total: s(118),
+                total: s(170),
                 concurrency: vec![1, 8, 32],
                 commands_window: s(4),
                 warmup: Duration::from_millis(300),
@@ -169,7 +169,7 @@ impl Plan {
         } else {
             Plan {
                 quick: false,
-                total: s(890),
+                total: s(1150),
                 concurrency: vec![1, 8, 32],
                 commands_window: s(6),
                 warmup: Duration::from_secs(1),

@@ -39,7 +39,7 @@ enum Command {
     /// JetStream publishes, a raw log scan), in a private database and stream removed afterwards.
     /// Example: `rookery bench --quick`
     Bench {
-        /// A shorter run with smaller logs: under two minutes in all (the full run takes under 15).
+        /// A shorter run with smaller logs: under three minutes in all (the full run takes under 20).
         #[arg(long)]
         quick: bool,
         /// Print the figures as one JSON document on stdout instead of the table.

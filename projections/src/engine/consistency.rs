@@ -36,6 +36,19 @@ pub async fn is_applied(
     partitions: u32,
     position: LogPosition,
 ) -> Result<bool, sqlx::Error> {
+    applied_of(pool, projection, None, partitions, position).await
+}
+
+/// [`is_applied`], counting only events of `aggregate_types` when given: a worker moves past
+/// the others without writing its checkpoint every time (see `worker`), so only the events a
+/// model folds say whether it is behind.
+async fn applied_of(
+    pool: &PgPool,
+    projection: &str,
+    aggregate_types: Option<&[&str]>,
+    partitions: u32,
+    position: LogPosition,
+) -> Result<bool, sqlx::Error> {
     let sql = format!(
         "WITH {APPLIED_CTE}
          SELECT NOT EXISTS (
@@ -45,13 +58,15 @@ pub async fn is_applied(
                    SELECT 1 FROM events e
                    WHERE (e.transaction_id, e.global_position) > (a.t::text::xid8, a.g)
                      AND (e.transaction_id, e.global_position) <= ($3::bigint::text::xid8, $4)
-                     AND e.partition_key % $2::int = a.p))"
+                     AND e.partition_key % $2::int = a.p
+                     AND ($5::text[] IS NULL OR e.aggregate_type = ANY($5))))"
     );
     sqlx::query_scalar(&sql)
         .bind(projection)
         .bind(i32::try_from(partitions.max(1)).unwrap_or(i32::MAX))
         .bind(position.txid_i64())
         .bind(position.gpos)
+        .bind(aggregate_types)
         .fetch_one(pool)
         .await
 }
@@ -65,10 +80,21 @@ pub async fn wait_for_position(
     position: LogPosition,
     timeout: Duration,
 ) -> anyhow::Result<bool> {
+    wait_until_applied(pool, projection, None, partitions, position, timeout).await
+}
+
+async fn wait_until_applied(
+    pool: &PgPool,
+    projection: &str,
+    aggregate_types: Option<&[&str]>,
+    partitions: u32,
+    position: LogPosition,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
-        if is_applied(pool, projection, partitions, position).await? {
+        if applied_of(pool, projection, aggregate_types, partitions, position).await? {
             return Ok(true);
         }
         let now = Instant::now();
@@ -81,7 +107,8 @@ pub async fn wait_for_position(
 }
 
 /// Waits until each of `models` has applied `position`, within `timeout` in all (each model
-/// read with its own partitioning). Returns the name of the first that did not get there.
+/// read with its own partitioning, and only the events it folds counted). Returns the name of
+/// the first that did not get there.
 pub async fn wait_for_models(
     pool: &PgPool,
     models: &[&dyn Projection],
@@ -93,7 +120,8 @@ pub async fn wait_for_models(
     for model in models {
         let left = deadline.saturating_duration_since(Instant::now());
         let partitions = partitions_of(*model, bus_partitions);
-        if !wait_for_position(pool, model.name(), partitions, position, left).await? {
+        let types = Some(model.aggregate_types());
+        if !wait_until_applied(pool, model.name(), types, partitions, position, left).await? {
             return Ok(Some(model.name()));
         }
     }

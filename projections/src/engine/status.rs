@@ -102,11 +102,20 @@ pub async fn status(
     for (name, version) in names {
         let state = states.iter().find(|s| s.projection == name);
         let dead_letters = dead.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c);
-        let partitions = known
-            .iter()
-            .find(|p| p.name() == name)
-            .map_or(partitions, |p| partitions_of(p.as_ref(), partitions));
-        out.push(one(pool, &name, version, state, partitions, dead_letters).await?);
+        let model = known.iter().find(|p| p.name() == name);
+        let partitions = model.map_or(partitions, |p| partitions_of(p.as_ref(), partitions));
+        let types = model.map(|p| p.aggregate_types());
+        out.push(
+            one(
+                pool,
+                &name,
+                version,
+                state,
+                (partitions, types),
+                dead_letters,
+            )
+            .await?,
+        );
     }
     Ok(out)
 }
@@ -116,7 +125,7 @@ async fn one(
     name: &str,
     version: i32,
     state: Option<&ProjectionStateRow>,
-    partitions: u32,
+    (partitions, aggregate_types): (u32, Option<&[&str]>),
     dead_letters: i64,
 ) -> anyhow::Result<ProjectionStatus> {
     let checkpoints = checkpoints::load_all(pool, name).await?;
@@ -153,11 +162,15 @@ async fn one(
          FROM applied a
          JOIN events e ON e.partition_key % $2::int = a.p
                       AND (e.transaction_id, e.global_position) > (a.t::text::xid8, a.g)
-         WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+         WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+           AND ($3::text[] IS NULL OR e.aggregate_type = ANY($3))"
     );
+    // Lag counts the events the model folds (a worker moves past others without writing its
+    // checkpoint every time).
     let (lag_events, lag_seconds): (i64, f64) = sqlx::query_as(&sql)
         .bind(name)
         .bind(i32::try_from(partitions.max(1)).unwrap_or(i32::MAX))
+        .bind(aggregate_types)
         .fetch_one(pool)
         .await?;
 

@@ -566,3 +566,61 @@ async fn events_arriving_one_by_one_share_batches() {
     stop.cancel();
     running.await.expect("join").expect("worker");
 }
+
+/// A batch of only other aggregates' events costs no transaction: the messages model moves past
+/// 100 joins without committing a batch, reads of it do not wait for them, and its checkpoint
+/// passes them once the partition is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_aggregates_events_are_moved_past_without_a_transaction() {
+    use rookery_projections::models::messages::{MessagesProjection, NAME as MESSAGES};
+    use std::sync::atomic::Ordering;
+    let env = Env::new(1).await;
+    let c = Uuid::new_v4();
+    let mut last = LogPosition::ZERO;
+    for u in uuids(100) {
+        last = env.writer.write(&[joined(c, u, Role::Member)]).await;
+    }
+    env.relay_all().await;
+    let worker = ProjectionWorker::new(
+        env.pool.clone(),
+        env.bus.clone(),
+        Arc::new(MessagesProjection),
+        test_worker_config(),
+    );
+    let stats = worker.stats();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+
+    let behind = rookery_projections::wait_for_models(
+        &env.pool,
+        &[&MessagesProjection],
+        env.partitions(),
+        last,
+        Duration::from_millis(100),
+    )
+    .await
+    .expect("wait");
+    assert_eq!(behind, None, "no event of the model's is behind");
+    eventually(Duration::from_secs(10), "the joins moved past", || {
+        let stats = stats.clone();
+        async move { stats.applied_total.load(Ordering::Relaxed) == 100 }
+    })
+    .await;
+    assert_eq!(
+        stats.batches_total.load(Ordering::Relaxed),
+        0,
+        "no batch transaction for other aggregates' events"
+    );
+    eventually(Duration::from_secs(10), "the checkpoint written", || {
+        let pool = env.pool.clone();
+        async move {
+            let cps = checkpoints::load_all(&pool, MESSAGES)
+                .await
+                .expect("checkpoints");
+            cps.iter().map(|c| c.position).max() == Some(last) && cps[0].stream_seq == 100
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("worker task").expect("worker");
+}

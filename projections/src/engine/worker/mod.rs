@@ -177,6 +177,12 @@ impl WorkerStats {
         self.committed.notify_waiters();
     }
 
+    /// Events of other aggregates moved past without a transaction (see `partition`).
+    fn moved_past(&self, events: u64) {
+        self.applied_total.fetch_add(events, Ordering::Relaxed);
+        self.exported.applied.increment(events);
+    }
+
     fn batch_failed(&self) {
         self.failures_total.fetch_add(1, Ordering::Relaxed);
         self.exported.failures.increment(1);

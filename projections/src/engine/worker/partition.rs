@@ -1,11 +1,17 @@
 //! One partition while this process holds its lock: the fetch loop, the durable consumer at the
 //! checkpoint, raising the floor when idle, pauses, and noticing commits Postgres lost.
+//!
+//! A batch holding only other aggregates' events is acknowledged without a transaction: the
+//! checkpoint moves past it with the next batch that commits, once [`CHECKPOINT_DEFER`] has
+//! passed, or when the partition goes idle. Read-your-writes and lag count only the events a
+//! model folds, so they do not wait for that; a restart before it replays those events from the
+//! checkpoint, and they are moved past again.
 
 use super::{checkpoints, sleep_or_cancel, BatchOutcome, End, Mode, Shared};
 use crate::engine::state;
 use anyhow::{bail, Context as _};
 use rookery_events::LogPosition;
-use rookery_nats::PartitionConsumer;
+use rookery_nats::{Delivery, PartitionConsumer};
 use rookery_store::KeptConn;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +38,19 @@ pub(super) struct PartitionRun {
     pub(super) next_batch_at: Instant,
     /// The batches' connection, kept while batches follow each other.
     pub(super) conn: KeptConn,
+    /// Deliveries moved past (acknowledged) whose checkpoint is not written yet.
+    pub(super) deferred: Option<Deferred>,
+}
+
+/// How long a checkpoint may stay behind events moved past without a transaction.
+pub(super) const CHECKPOINT_DEFER: Duration = Duration::from_millis(500);
+
+/// Events moved past without a transaction since the checkpoint was last written.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Deferred {
+    since: Instant,
+    stream_seq: u64,
+    position: LogPosition,
 }
 
 impl PartitionRun {
@@ -48,6 +67,7 @@ impl PartitionRun {
             committed_seq: 0,
             next_batch_at: Instant::now(),
             conn: KeptConn::shared(shared.pool.clone()),
+            deferred: None,
             shared,
         }
     }
@@ -134,6 +154,14 @@ impl PartitionRun {
                 }
             };
             if deliveries.is_empty() {
+                if let Err(e) = self.write_deferred().await {
+                    tracing::debug!(
+                        projection = self.name(),
+                        partition = self.partition,
+                        error = format!("{e:#}"),
+                        "could not write the deferred checkpoint"
+                    );
+                }
                 // Idle for a whole fetch wait: the kept connection goes back to the pool.
                 self.conn.release();
                 // Read before asking the consumer: if it is drained (nothing left at the server,
@@ -165,8 +193,12 @@ impl PartitionRun {
             } else {
                 started + config.min_batch_interval
             };
+            if self.move_past(&deliveries).await {
+                continue;
+            }
             match self.process(&deliveries).await {
                 Ok(BatchOutcome::Committed(done)) => {
+                    self.deferred = None;
                     self.after_commit(&deliveries, &done, started).await;
                 }
                 Ok(BatchOutcome::Rewound { checkpoint }) => self.rewind(checkpoint),
@@ -187,6 +219,76 @@ impl PartitionRun {
                 }
             }
         }
+    }
+
+    /// Acknowledges a batch of only other aggregates' events without a transaction (see the
+    /// module docs). False when the batch needs one: an event of this model's, one that does
+    /// not decode, a failure being pinned down, or a checkpoint deferred for too long.
+    async fn move_past(&mut self, deliveries: &[Delivery]) -> bool {
+        if self.single_until.is_some() || self.failure.is_some() {
+            return false;
+        }
+        if self
+            .deferred
+            .is_some_and(|d| d.since.elapsed() >= CHECKPOINT_DEFER)
+        {
+            return false;
+        }
+        let mut last = (0, LogPosition::ZERO);
+        for d in deliveries {
+            match &d.event {
+                Ok(e) if !self.shared.projection.folds(&e.aggregate_type) => {
+                    last = (last.0.max(d.stream_seq), last.1.max(e.position));
+                }
+                _ => return false,
+            }
+        }
+        if let Err(e) = rookery_nats::ack_all(self.shared.bus.client(), deliveries).await {
+            tracing::warn!(
+                projection = self.name(),
+                partition = self.partition,
+                error = format!("{e:#}"),
+                "ack failed; recreating the consumer"
+            );
+            // It restarts at the checkpoint, before everything moved past.
+            self.consumer = None;
+            self.deferred = None;
+            return true;
+        }
+        self.shared.stats.moved_past(deliveries.len() as u64);
+        let since = self.deferred.map_or_else(Instant::now, |d| d.since);
+        let (seq, position) = match self.deferred {
+            Some(d) => (d.stream_seq.max(last.0), d.position.max(last.1)),
+            None => last,
+        };
+        self.deferred = Some(Deferred {
+            since,
+            stream_seq: seq,
+            position,
+        });
+        true
+    }
+
+    /// Writes the checkpoint past the events moved past, if any.
+    async fn write_deferred(&mut self) -> anyhow::Result<()> {
+        let Some(d) = self.deferred else {
+            return Ok(());
+        };
+        let conn = self.conn.take().await?;
+        let (tx, cp) = checkpoints::BatchTx::begin(conn, self.name(), self.partition).await?;
+        let advance = match cp {
+            Some((cp, _)) if d.stream_seq > cp.stream_seq => Some(checkpoints::Advance {
+                position: d.position.max(cp.position),
+                stream_seq: d.stream_seq,
+                applied: 0,
+            }),
+            _ => None,
+        };
+        let conn = tx.commit(advance).await?;
+        self.conn.give_back(conn, None);
+        self.committed_seq = self.committed_seq.max(d.stream_seq);
+        self.deferred = None;
+        Ok(())
     }
 
     /// (Re)creates the durable consumer at the checkpoint.
