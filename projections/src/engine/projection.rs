@@ -32,8 +32,9 @@ pub trait Projection: Send + Sync + 'static {
     fn tables(&self) -> &'static [&'static str];
     /// The aggregate types whose events this projection folds. Workers and rebuilds hand
     /// [`Projection::apply`] (and a [`BulkFold`]) only those, in log order, and move the
-    /// checkpoint past the others without decoding them; an event of one of these types that
-    /// does not decode is poison.
+    /// checkpoint past the others (a batch of only others without a transaction); an event of
+    /// one of these types that does not decode is poison. Read-your-writes and lag count only
+    /// these types' events.
     fn aggregate_types(&self) -> &'static [&'static str];
     /// Folds `events` (log order) into the tables named by `tables`.
     ///
