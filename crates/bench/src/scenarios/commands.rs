@@ -1,6 +1,5 @@
 use anyhow::Context as _;
 use rookery_events::LogPosition;
-use rookery_projections::models::members::MembersProjection;
 use rookery_projections::{Projection, WorkerStats};
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -50,13 +49,7 @@ pub(super) async fn commands(
         // model may trail the window. It catches up before the limit's second half, which it
         // would otherwise slow, and how long that takes is reported beside the figure; the CPU
         // it takes meanwhile is the joins'.
-        let catch_up = catch_up(
-            env,
-            env.app(app).members.as_deref(),
-            &[&MembersProjection],
-            plan.commands_window,
-        )
-        .await?;
+        let catch_up = catch_up(env, env.app(app).members.as_deref(), plan.commands_window).await?;
         let cpu2 = Cpu::now();
         progress.status(&format!("commands c{c}: raw single-row inserts (limit)"));
         let raw2 = closed_loop(c, Duration::ZERO, plan.commands_window / 2, raw_op).await;
@@ -73,7 +66,7 @@ pub(super) async fn commands(
         )
         .with_note(format!(
             "p50 {:.2} ms per join vs {:.2} ms per raw insert; {} joins, {} raw commits; \
-             members caught up {}",
+             every read model caught up {}",
             api_lat.percentile(0.5).map(stats::ms).unwrap_or(0.0),
             raw_lat.percentile(0.5).map(stats::ms).unwrap_or(0.0),
             api.ops,
@@ -235,12 +228,12 @@ impl CatchUp {
     }
 }
 
-/// Waits (at most `deadline` in all) until each of `models` in the running application has
-/// applied the whole log as it stands now; the backlog is counted by `worker`.
+/// Waits (at most `deadline` in all) until every read model of the running application has
+/// applied the whole log as it stands now, so that no model's backlog slows what is measured
+/// next; the backlog is counted by `worker`.
 pub(super) async fn catch_up(
     env: &Env,
     worker: Option<&WorkerStats>,
-    models: &[&dyn Projection],
     deadline: Duration,
 ) -> anyhow::Result<CatchUp> {
     let start = Instant::now();
@@ -250,9 +243,11 @@ pub(super) async fn catch_up(
         .await
         .context("reading the log's head")?
         .unwrap_or(LogPosition::ZERO);
+    let all = rookery_projections::all();
+    let models: Vec<&dyn Projection> = all.iter().map(|p| p.as_ref()).collect();
     let behind = rookery_projections::wait_for_models(
         &env.pool,
-        models,
+        &models,
         env.config.partitions,
         head,
         deadline,

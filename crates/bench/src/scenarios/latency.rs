@@ -95,6 +95,8 @@ pub(super) async fn open_loop(
         visible_sql,
         worker,
     } = probe;
+    // No model still folding what came before competes with the window.
+    super::commands::catch_up(env, None, plan.latency_drain).await?;
     let rate = f64::from(plan.latency_rate);
     let total = (rate * plan.latency_window.as_secs_f64()).round() as u64;
     // Accepted requests not yet seen in the read model: key → (community, due time).
