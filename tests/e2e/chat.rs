@@ -206,8 +206,13 @@ async fn platform_users_become_members_and_earn_exact_scores() {
         .await;
     let ban = &carol_history["history"]["items"][0];
     assert_eq!(
-        (ban["kind"].as_str(), ban["delta"].as_f64()),
-        (Some("ban"), Some(-200.0))
+        (
+            ban["kind"].as_str(),
+            ban["reason"].as_str(),
+            ban["delta"].as_f64()
+        ),
+        (Some("ban"), Some("spam"), Some(-200.0)),
+        "a moderation's history row carries the moderator's reason"
     );
     assert!(ban["source_event_id"]
         .as_str()

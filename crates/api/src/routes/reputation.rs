@@ -65,7 +65,7 @@ pub struct HistoryItemResponse {
     /// `chat_message`, `command_message`, `follow`, `subscription`, `gift_subscription`,
     /// `donation`, `cheer`, `raid`, `boost`, `warn`, `timeout`, `kick`, `ban`, `adjust`, `set`.
     pub kind: String,
-    /// The kind, or an admin's reason.
+    /// The moderator's or admin's reason; the kind when none was given (earned points).
     pub reason: String,
     /// What it was worth under the policy then (for `set`: the score asked for).
     pub points: f64,

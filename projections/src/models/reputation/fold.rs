@@ -21,8 +21,12 @@ use uuid::Uuid;
 pub enum Effect {
     /// The member exists from here on (a join); a row at the start score if there was none.
     Present,
-    /// Worth `weight(kind) × quantity`.
-    Earned { kind: Earned, quantity: Decimal4 },
+    /// Worth `weight(kind) × quantity`; `reason` is the moderator's, for a moderation.
+    Earned {
+        kind: Earned,
+        quantity: Decimal4,
+        reason: Option<String>,
+    },
     /// An admin moved the score by `delta`.
     Adjusted { delta: Decimal4, reason: String },
     /// An admin set the score.
@@ -175,9 +179,10 @@ pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
                 source: source()?,
             })
         };
-        let earn = |kind| Effect::Earned {
+        let earn = |kind, reason| Effect::Earned {
             kind,
             quantity: Decimal4::units(1),
+            reason,
         };
         let change = match decoded {
             AnyEvent::Community(CommunityEvent::ReputationPolicySet { policy }) => {
@@ -191,10 +196,12 @@ pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
                 let (c, u) = event.subject();
                 match event {
                     M::MemberJoined { .. } => member(c, u, Effect::Present)?,
-                    M::MemberWarned { .. } => member(c, u, earn(Earned::Warn))?,
-                    M::MemberTimedOut { .. } => member(c, u, earn(Earned::Timeout))?,
-                    M::MemberKicked { .. } => member(c, u, earn(Earned::Kick))?,
-                    M::MemberBanned { .. } => member(c, u, earn(Earned::Ban))?,
+                    M::MemberWarned { reason, .. } => member(c, u, earn(Earned::Warn, reason))?,
+                    M::MemberTimedOut { reason, .. } => {
+                        member(c, u, earn(Earned::Timeout, reason))?
+                    }
+                    M::MemberKicked { reason, .. } => member(c, u, earn(Earned::Kick, reason))?,
+                    M::MemberBanned { reason, .. } => member(c, u, earn(Earned::Ban, reason))?,
                     M::ReputationAdjusted { delta, reason, .. } => {
                         member(c, u, Effect::Adjusted { delta, reason })?
                     }
@@ -225,7 +232,7 @@ pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
                 } else {
                     Earned::ChatMessage
                 };
-                member(community_id, sender_id, earn(kind))?
+                member(community_id, sender_id, earn(kind, None))?
             }
             AnyEvent::Activity(ActivityEvent::ActivityRecorded {
                 community_id,
@@ -233,9 +240,15 @@ pub fn decode<E: EventRef>(events: &[E]) -> Result<Vec<Change>, PoisonEvent> {
                 activity,
                 ..
             }) => match earned(&activity) {
-                Some((kind, quantity)) => {
-                    member(community_id, user_id, Effect::Earned { kind, quantity })?
-                }
+                Some((kind, quantity)) => member(
+                    community_id,
+                    user_id,
+                    Effect::Earned {
+                        kind,
+                        quantity,
+                        reason: None,
+                    },
+                )?,
                 None => continue,
             },
             AnyEvent::User(UserEvent::ShadowUserMerged { into, .. }) => Change::UserMerged {
@@ -414,11 +427,15 @@ impl Fold {
                 self.touch_global(user_id, None, source);
                 return;
             }
-            Effect::Earned { kind, quantity } => {
+            Effect::Earned {
+                kind,
+                quantity,
+                reason,
+            } => {
                 let points = kind.weight(&policy.weights) * *quantity;
                 (
                     kind.name(),
-                    kind.name().to_string(),
+                    reason.clone().unwrap_or_else(|| kind.name().to_string()),
                     points,
                     before + points,
                 )
@@ -459,7 +476,9 @@ impl Fold {
         }
         // Globally: the default weights for what was earned, the community's effect otherwise.
         let global_points = match effect {
-            Effect::Earned { kind, quantity } => kind.weight(&global_policy().weights) * *quantity,
+            Effect::Earned { kind, quantity, .. } => {
+                kind.weight(&global_policy().weights) * *quantity
+            }
             _ => after - before,
         };
         self.touch_global(user_id, Some(global_points), source);
@@ -616,6 +635,7 @@ mod tests {
             effect: Effect::Earned {
                 kind,
                 quantity: d(quantity),
+                reason: None,
             },
             source: source(n),
         }

@@ -61,7 +61,8 @@ impl Projection for ReputationProjection {
     }
 
     fn version(&self) -> i32 {
-        1
+        // 2: a moderation's history row carries the moderator's reason (1: the kind's name).
+        2
     }
 
     fn tables(&self) -> &'static [&'static str] {
