@@ -45,7 +45,7 @@ enum Command {
         /// Print the figures as one JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
-        /// Run only these scenarios: commands, memory, latency, relay, rebuild, inbound, scale.
+        /// Run only these scenarios: commands, memory, latency, chat, relay, rebuild, inbound, scale.
         #[arg(long, num_args = 1.., value_name = "SCENARIO")]
         only: Vec<String>,
         /// Write the latency distribution (percentile curve, SVG) into this directory.
