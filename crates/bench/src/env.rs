@@ -571,21 +571,13 @@ pub async fn post_message(
         .send()
         .await
         .context("sending a message")?;
-    let status = resp.status();
-    let bytes = resp.bytes().await.context("reading a message's answer")?;
-    if status != reqwest::StatusCode::CREATED {
-        bail!(
-            "message answered {status}: {}",
-            String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
-        );
-    }
+    let bytes = created(resp, "message").await?;
     #[derive(serde::Deserialize)]
-    struct Created {
+    struct Id {
         id: Uuid,
     }
-    let created: Created =
-        serde_json::from_slice(&bytes).context("a message's answer has no id")?;
-    Ok(created.id)
+    let answer: Id = serde_json::from_slice(&bytes).context("a message's answer has no id")?;
+    Ok(answer.id)
 }
 
 /// `POST /v1/communities/{community}/members` as `token`'s user: one MemberJoined event.
@@ -601,13 +593,22 @@ pub async fn join(
         .send()
         .await
         .context("sending a join")?;
+    created(resp, "join").await.map(drop)
+}
+
+/// The body of a `201 Created` answer to a `what`; any other status is an error showing the
+/// start of the body.
+async fn created(resp: reqwest::Response, what: &str) -> anyhow::Result<bytes::Bytes> {
     let status = resp.status();
-    let body = resp.bytes().await.context("reading a join's answer")?;
+    let body = resp
+        .bytes()
+        .await
+        .with_context(|| format!("reading a {what}'s answer"))?;
     if status != reqwest::StatusCode::CREATED {
         bail!(
-            "join answered {status}: {}",
+            "{what} answered {status}: {}",
             String::from_utf8_lossy(&body[..body.len().min(300)])
         );
     }
-    Ok(())
+    Ok(body)
 }

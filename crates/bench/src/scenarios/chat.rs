@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use super::commands::{catch_up, raw_insert_op, raw_pool};
+use super::commands::{against_raw, catch_up, raw_insert_op, raw_pool};
 use super::latency::{open_loop, Probe, Sent};
 use super::COMMANDS_TARGET;
 use crate::env::{post_message, Env};
@@ -78,7 +78,7 @@ async fn ingest(env: &Env, app: usize, plan: &Plan, progress: &Progress) -> anyh
     let senders = c as u64 * SENDERS_PER_WORKER;
     let api_lat = Latencies::new(api.latencies.clone());
     let raw_lat = Latencies::new(raw.latencies.clone());
-    let mut f = Figure::new(
+    let f = Figure::new(
         format!("chat_ingest_c{c}"),
         api.rate(),
         "messages/s",
@@ -97,24 +97,7 @@ async fn ingest(env: &Env, app: usize, plan: &Plan, progress: &Progress) -> anyh
         caught_up.describe(),
         first,
     ));
-    for note in [
-        api.error_note(),
-        raw.error_note().map(|n| format!("raw: {n}")),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        f = f.with_note(note);
-    }
-    if api.ops == 0 {
-        f = Figure::missing(
-            f.name.clone(),
-            "messages/s",
-            COMMANDS_TARGET,
-            f.note.clone().unwrap_or_default(),
-        );
-    }
-    Ok(f)
+    Ok(against_raw(f, &api, &raw, "messages/s"))
 }
 
 /// Every load worker posts the first message of each of its platform users, at

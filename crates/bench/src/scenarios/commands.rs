@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::cpu::{peak_rss_kib, reset_peak_rss, Cpu};
 use super::{COMMANDS_TARGET, MEMORY_TARGET};
 use crate::env::{join, mint, Env, Template};
-use crate::load::closed_loop;
+use crate::load::{closed_loop, LoopResult};
 use crate::report::{Figure, Progress};
 use crate::stats::{self, Latencies};
 use crate::Plan;
@@ -85,24 +85,7 @@ pub(super) async fn commands(
                 Cpu::per_op_pair(&c0, &c1, &c2, &c3, warm(raw.ops, plan.commands_window))
             ));
         }
-        for note in [
-            api.error_note(),
-            raw.error_note().map(|n| format!("raw: {n}")),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            f = f.with_note(note);
-        }
-        if api.ops == 0 {
-            f = Figure::missing(
-                f.name.clone(),
-                "commands/s",
-                COMMANDS_TARGET,
-                f.note.clone().unwrap_or_default(),
-            );
-        }
-        figures.push(f);
+        figures.push(against_raw(f, &api, &raw, "commands/s"));
     }
     raw_pool.close().await;
     if memory {
@@ -201,6 +184,34 @@ pub(super) fn join_op(
             join(&http, &base, &token, community).await
         })
     }
+}
+
+/// A closed-loop figure against raw commits, finished: both loops' failures in its notes, and
+/// missing (not zero) when no operation of the API's succeeded.
+pub(super) fn against_raw(
+    mut f: Figure,
+    api: &LoopResult,
+    raw: &LoopResult,
+    unit: &'static str,
+) -> Figure {
+    for note in [
+        api.error_note(),
+        raw.error_note().map(|n| format!("raw: {n}")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        f = f.with_note(note);
+    }
+    if api.ops == 0 {
+        f = Figure::missing(
+            f.name.clone(),
+            unit,
+            COMMANDS_TARGET,
+            f.note.clone().unwrap_or_default(),
+        );
+    }
+    f
 }
 
 /// How far the members read model trailed the log when a load window ended.

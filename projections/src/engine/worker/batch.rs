@@ -160,16 +160,25 @@ impl PartitionRun {
         if self.single_until.is_some_and(|until| last >= until) {
             self.single_until = None;
         }
-        // A lost ack only means a redelivery, which the checkpoint absorbs; but the consumer may
-        // be broken, so start it again from the checkpoint.
-        if let Err(e) = rookery_nats::ack_all(self.shared.bus.client(), deliveries).await {
-            tracing::warn!(
-                projection = self.name(),
-                partition = self.partition,
-                error = format!("{e:#}"),
-                "ack failed; recreating the consumer"
-            );
-            self.consumer = None;
+        self.ack(deliveries).await;
+    }
+
+    /// Acknowledges `deliveries` with one ack. A lost ack only means a redelivery, which the
+    /// checkpoint absorbs; but the consumer may be broken, so on failure it starts again from
+    /// the checkpoint (and false is returned).
+    pub(super) async fn ack(&mut self, deliveries: &[Delivery]) -> bool {
+        match rookery_nats::ack_all(self.shared.bus.client(), deliveries).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    projection = self.name(),
+                    partition = self.partition,
+                    error = format!("{e:#}"),
+                    "ack failed; recreating the consumer"
+                );
+                self.consumer = None;
+                false
+            }
         }
     }
 }

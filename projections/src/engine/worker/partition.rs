@@ -243,15 +243,8 @@ impl PartitionRun {
                 _ => return false,
             }
         }
-        if let Err(e) = rookery_nats::ack_all(self.shared.bus.client(), deliveries).await {
-            tracing::warn!(
-                projection = self.name(),
-                partition = self.partition,
-                error = format!("{e:#}"),
-                "ack failed; recreating the consumer"
-            );
-            // It restarts at the checkpoint, before everything moved past.
-            self.consumer = None;
+        if !self.ack(deliveries).await {
+            // The consumer restarts at the checkpoint, before everything moved past.
             self.deferred = None;
             return true;
         }

@@ -12,8 +12,8 @@
 use super::fold::{self, Fold};
 use super::{load_members, load_users, write, Tables};
 use crate::engine::{BulkFold, BulkStart, BulkWrite, NeedKeys, RawEvent};
-use crate::support::{key_hash, Insert, KeyFilter, KeyHashState};
-use anyhow::{bail, Context as _};
+use crate::support::{key_hash, Chunks, Insert, KeyFilter, KeyHashState};
+use anyhow::Context as _;
 use futures::future::BoxFuture;
 use futures::TryStreamExt as _;
 use sqlx::PgConnection;
@@ -23,8 +23,7 @@ use uuid::Uuid;
 
 pub(super) struct MembersBulk {
     t: Tables,
-    current: Fold,
-    in_flight: Option<Arc<Fold>>,
+    chunks: Chunks<Fold>,
     /// A written chunk's fold, emptied: reusing its tables spares growing new ones (rehashing
     /// and faulting in fresh pages) for every chunk.
     spare: Option<Fold>,
@@ -56,8 +55,7 @@ impl MembersBulk {
     pub(super) fn new(t: Tables, start: BulkStart) -> Self {
         Self {
             t,
-            current: Fold::default(),
-            in_flight: None,
+            chunks: Chunks::default(),
             spare: None,
             stored: if start.empty {
                 Stored::Exact(HashSet::default())
@@ -107,8 +105,7 @@ impl MembersBulk {
                 drop(users);
                 // Rows held aside are not in the tables yet (there are none so early, but the
                 // filter must never miss a user that is or will be stored).
-                let held = self.in_flight.iter().map(|f| &**f).chain([&self.current]);
-                for fold in held {
+                for fold in self.chunks.held() {
                     for (id, _) in fold.users() {
                         filter.insert(id.as_bytes());
                     }
@@ -138,12 +135,12 @@ impl MembersBulk {
         }
         // Where each row not held comes from. Rows of the chunk being written are stored once
         // it commits, which is before this chunk's write.
-        let in_flight = self.in_flight.clone();
+        let in_flight = self.chunks.in_flight();
         let in_flight = in_flight.as_deref();
         let (mut flying_users, mut load_users_, mut new_users) =
             (Vec::new(), Vec::new(), Vec::new());
         for id in needs.users {
-            if self.current.user_slot(&id).is_some() {
+            if self.chunks.current.user_slot(&id).is_some() {
                 continue;
             }
             if let Some(slot) = in_flight.and_then(|f| f.user_slot(&id)) {
@@ -156,7 +153,7 @@ impl MembersBulk {
         }
         let (mut flying_members, mut other_members) = (Vec::new(), Vec::new());
         for key in needs.members {
-            if self.current.member_slot(&key).is_some() {
+            if self.chunks.current.member_slot(&key).is_some() {
                 continue;
             }
             match in_flight.and_then(|f| f.member_slot(&key)) {
@@ -171,30 +168,35 @@ impl MembersBulk {
             return Err(NeedKeys.into());
         }
         for (id, row) in flying_users {
-            self.current.load_user(id, Some(row));
+            self.chunks.current.load_user(id, Some(row));
         }
         for id in new_users {
-            self.current.load_user(id, None);
+            self.chunks.current.load_user(id, None);
         }
-        load_users(conn, &self.t, &load_users_, &mut self.current)
+        load_users(conn, &self.t, &load_users_, &mut self.chunks.current)
             .await
             .context("loading member_users")?;
         for (key, row) in flying_members {
-            self.current.load_member(key, row);
+            self.chunks.current.load_member(key, row);
         }
         let mut load = Vec::new();
         for key in other_members {
-            if self.current.user_slot(&key.1).is_some_and(|u| u.stored) {
+            if self
+                .chunks
+                .current
+                .user_slot(&key.1)
+                .is_some_and(|u| u.stored)
+            {
                 load.push(key);
             } else {
-                self.current.load_member(key, None);
+                self.chunks.current.load_member(key, None);
             }
         }
-        load_members(conn, &self.t, &load, &mut self.current)
+        load_members(conn, &self.t, &load, &mut self.chunks.current)
             .await
             .context("loading members")?;
         for change in &changes {
-            self.current.apply(change);
+            self.chunks.current.apply(change);
         }
         Ok(())
     }
@@ -210,15 +212,12 @@ impl BulkFold for MembersBulk {
     }
 
     fn held(&self) -> usize {
-        self.current.len()
+        self.chunks.current.len()
     }
 
     fn take(&mut self) -> anyhow::Result<Box<dyn BulkWrite>> {
-        if self.in_flight.is_some() {
-            bail!("the previous chunk of the members rebuild was not settled");
-        }
         let next = self.spare.take().unwrap_or_default();
-        let chunk = Arc::new(std::mem::replace(&mut self.current, next));
+        let chunk = self.chunks.take("members", next)?;
         for (id, _) in chunk.users().filter(|(_, slot)| !slot.stored) {
             let hash = key_hash(id.as_bytes());
             match &mut self.stored {
@@ -229,7 +228,6 @@ impl BulkFold for MembersBulk {
                 Stored::Unknown => {}
             }
         }
-        self.in_flight = Some(chunk.clone());
         Ok(Box::new(MembersWrite {
             t: self.t.clone(),
             chunk,
@@ -238,7 +236,7 @@ impl BulkFold for MembersBulk {
 
     fn settle(&mut self) {
         // The write has finished with its share of the chunk by now, normally.
-        if let Some(Ok(mut fold)) = self.in_flight.take().map(Arc::try_unwrap) {
+        if let Some(mut fold) = self.chunks.settle() {
             fold.clear();
             self.spare = Some(fold);
         }
@@ -246,8 +244,7 @@ impl BulkFold for MembersBulk {
 
     fn discard(&mut self) {
         // Users of rows rolled back stay known as stored: that costs a lookup, not a wrong row.
-        self.current = Fold::default();
-        self.in_flight = None;
+        self.chunks.discard(Fold::default());
     }
 
     fn keyless_tables(&self) -> &'static [&'static str] {

@@ -6,24 +6,21 @@
 use super::fold::{self, Fold};
 use super::{load, write, Tables};
 use crate::engine::{BulkFold, BulkWrite, RawEvent};
-use crate::support::Insert;
-use anyhow::bail;
+use crate::support::{Chunks, Insert};
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use std::sync::Arc;
 
 pub(super) struct MessagesBulk {
     t: Tables,
-    current: Fold,
-    in_flight: Option<Arc<Fold>>,
+    chunks: Chunks<Fold>,
 }
 
 impl MessagesBulk {
     pub(super) fn new(t: Tables) -> Self {
         Self {
             t,
-            current: Fold::default(),
-            in_flight: None,
+            chunks: Chunks::default(),
         }
     }
 
@@ -37,19 +34,21 @@ impl MessagesBulk {
         if changes.is_empty() {
             return Ok(());
         }
+        let in_flight = self.chunks.in_flight();
+        let current = &mut self.chunks.current;
         let mut lookup = Vec::new();
         for id in fold::needs(&changes) {
-            if self.current.messages.contains_key(&id) {
+            if current.messages.contains_key(&id) {
                 continue;
             }
-            match self.in_flight.as_ref().and_then(|f| f.messages.get(&id)) {
-                Some(row) => self.current.load(id, row.clone()),
+            match in_flight.as_ref().and_then(|f| f.messages.get(&id)) {
+                Some(row) => current.load(id, row.clone()),
                 None => lookup.push(id),
             }
         }
-        load(conn, &self.t, lookup, &mut self.current).await?;
+        load(conn, &self.t, lookup, current).await?;
         for change in &changes {
-            self.current.apply(change);
+            current.apply(change);
         }
         Ok(())
     }
@@ -65,28 +64,22 @@ impl BulkFold for MessagesBulk {
     }
 
     fn held(&self) -> usize {
-        self.current.messages.len()
+        self.chunks.current.messages.len()
     }
 
     fn take(&mut self) -> anyhow::Result<Box<dyn BulkWrite>> {
-        if self.in_flight.is_some() {
-            bail!("the previous chunk of the messages rebuild was not settled");
-        }
-        let chunk = Arc::new(std::mem::take(&mut self.current));
-        self.in_flight = Some(chunk.clone());
         Ok(Box::new(MessagesWrite {
             t: self.t.clone(),
-            chunk,
+            chunk: self.chunks.take("messages", Fold::default())?,
         }))
     }
 
     fn settle(&mut self) {
-        self.in_flight = None;
+        self.chunks.settle();
     }
 
     fn discard(&mut self) {
-        self.current = Fold::default();
-        self.in_flight = None;
+        self.chunks.discard(Fold::default());
     }
 }
 

@@ -13,8 +13,8 @@
 use super::fold::{self, Fold, Needs, Slot};
 use super::{load, write, Tables};
 use crate::engine::{BulkFold, BulkStart, BulkWrite, RawEvent};
-use crate::support::{Insert, KeyFilter};
-use anyhow::{bail, Context as _};
+use crate::support::{Chunks, Insert, KeyFilter};
+use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use std::sync::Arc;
@@ -22,8 +22,7 @@ use uuid::Uuid;
 
 pub(super) struct ReputationBulk {
     t: Tables,
-    current: Fold,
-    in_flight: Option<Arc<Fold>>,
+    chunks: Chunks<Fold>,
     /// Keys of the score and global rows this fold wrote, while the tables hold nothing else;
     /// `None`: look up every row not held.
     written: Option<Written>,
@@ -45,8 +44,7 @@ impl ReputationBulk {
     pub(super) fn new(t: Tables, start: BulkStart) -> Self {
         Self {
             t,
-            current: Fold::default(),
-            in_flight: None,
+            chunks: Chunks::default(),
             // At most one member and one user per event.
             written: start.empty.then(|| Written {
                 scores: KeyFilter::with_capacity(start.events),
@@ -66,52 +64,52 @@ impl ReputationBulk {
             return Ok(());
         }
         let needs = fold::needs(&changes);
-        let in_flight = self.in_flight.clone();
+        let in_flight = self.chunks.in_flight();
         let in_flight = in_flight.as_deref();
         let mut lookup = Needs::default();
         for key in needs.members {
-            if self.current.scores.contains_key(&key) {
+            if self.chunks.current.scores.contains_key(&key) {
                 continue;
             }
             match in_flight.and_then(|f| f.scores.get(&key)) {
-                Some(slot) => self.current.load_score(key, slot.row.clone()),
+                Some(slot) => self.chunks.current.load_score(key, slot.row.clone()),
                 None if self.may_be_written(|w| w.scores.may_contain(&score_key(&key))) => {
                     lookup.members.push(key);
                 }
-                None => self.current.load_score(key, None),
+                None => self.chunks.current.load_score(key, None),
             }
         }
         for user in needs.users {
-            if self.current.globals.contains_key(&user) {
+            if self.chunks.current.globals.contains_key(&user) {
                 continue;
             }
             match in_flight.and_then(|f| f.globals.get(&user)) {
-                Some(slot) => self.current.load_global(user, slot.row.clone()),
+                Some(slot) => self.chunks.current.load_global(user, slot.row.clone()),
                 None if self.may_be_written(|w| w.globals.may_contain(user.as_bytes())) => {
                     lookup.users.push(user);
                 }
-                None => self.current.load_global(user, None),
+                None => self.chunks.current.load_global(user, None),
             }
         }
         // Few, and written by policy events the fold may not have seen yet: always asked for.
         for community in needs.communities {
-            if self.current.policies.contains_key(&community) {
+            if self.chunks.current.policies.contains_key(&community) {
                 continue;
             }
             match in_flight.and_then(|f| f.policies.get(&community)) {
                 Some(Slot { row: Some(p), .. }) => {
-                    self.current.load_policy(community, Some(p.clone()));
+                    self.chunks.current.load_policy(community, Some(p.clone()));
                 }
                 _ => lookup.communities.push(community),
             }
         }
         if !lookup.is_empty() {
-            load(conn, &self.t, &lookup, &mut self.current)
+            load(conn, &self.t, &lookup, &mut self.chunks.current)
                 .await
                 .context("loading reputation rows")?;
         }
         for change in &changes {
-            self.current.apply(change);
+            self.chunks.current.apply(change);
         }
         Ok(())
     }
@@ -131,14 +129,13 @@ impl BulkFold for ReputationBulk {
     }
 
     fn held(&self) -> usize {
-        self.current.scores.len() + self.current.globals.len() + self.current.history.len()
+        self.chunks.current.scores.len()
+            + self.chunks.current.globals.len()
+            + self.chunks.current.history.len()
     }
 
     fn take(&mut self) -> anyhow::Result<Box<dyn BulkWrite>> {
-        if self.in_flight.is_some() {
-            bail!("the previous chunk of the reputation rebuild was not settled");
-        }
-        let chunk = Arc::new(std::mem::take(&mut self.current));
+        let chunk = self.chunks.take("reputation", Fold::default())?;
         if let Some(w) = &mut self.written {
             for (key, _) in chunk.scores.iter().filter(|(_, s)| created(s)) {
                 w.scores.insert(&score_key(key));
@@ -147,7 +144,6 @@ impl BulkFold for ReputationBulk {
                 w.globals.insert(user.as_bytes());
             }
         }
-        self.in_flight = Some(chunk.clone());
         Ok(Box::new(ReputationWrite {
             t: self.t.clone(),
             chunk,
@@ -155,13 +151,12 @@ impl BulkFold for ReputationBulk {
     }
 
     fn settle(&mut self) {
-        self.in_flight = None;
+        self.chunks.settle();
     }
 
     fn discard(&mut self) {
         // Keys of rows rolled back stay in the filters: that costs a lookup, not a wrong row.
-        self.current = Fold::default();
-        self.in_flight = None;
+        self.chunks.discard(Fold::default());
     }
 
     fn by_apply(&mut self, event: &RawEvent) -> bool {

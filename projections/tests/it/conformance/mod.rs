@@ -9,18 +9,21 @@
 //! 3. A poisoned event is parked as a dead letter, the rest is applied, `min_position` of a
 //!    later write waits for it and then answers, and a rebuild leaves it out as the live
 //!    worker did.
+//! 4. A live worker killed again and again, at any point of its work (also while it moves past
+//!    other aggregates' events with its checkpoint deferred), neither loses nor repeats an event:
+//!    the tables end equal to an incremental build that was never interrupted.
 
 mod event_counts;
 
 use crate::support::{
-    at, dump_model, metadata, test_worker_config, uuids, Env, ModelCopy, RawEvent, Scenario,
+    at, dump_model, joined, metadata, test_worker_config, uuids, Env, ModelCopy, RawEvent, Scenario,
 };
-use rookery_events::LogPosition;
+use rookery_events::{LogPosition, Role};
 use rookery_projections::engine::checkpoints;
 use rookery_projections::engine::partitions_of;
 use rookery_projections::{
-    dead_letters, is_applied, rebuild_with, run_until_idle, wait_for_position, Projection,
-    ProjectionWorker, RebuildConfig,
+    dead_letters, is_applied, rebuild_with, run_projection, run_until_idle, wait_for_position,
+    Projection, ProjectionWorker, RebuildConfig,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,6 +154,48 @@ async fn a_rebuild_under_writes_equals_an_incremental_build() {
         model.catch_up(&env, p.clone()).await;
         model.catch_up(&env, copy.clone()).await;
 
+        model.assert_not_empty(&env).await;
+        copy.assert_same(&env.pool).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_again_and_again_loses_and_repeats_nothing() {
+    for model in models() {
+        let env = model.world().await;
+        let p = model.projection.clone();
+        let copy = Arc::new(ModelCopy::of(p.clone(), "incremental_"));
+        copy.create_tables(&env.pool).await;
+        let mut scenario = scenario(11);
+        for round in 0..12u64 {
+            write(&env, &mut scenario, 10).await;
+            // A run of joins alone: batches of only other aggregates' events for a model that
+            // does not fold memberships, which it moves past with its checkpoint deferred.
+            for user in uuids(20) {
+                env.writer
+                    .write(&[joined(scenario.communities[0], user, Role::Member)])
+                    .await;
+            }
+            env.relay_all().await;
+            let worker = tokio::spawn(run_projection(
+                env.pool.clone(),
+                env.bus.clone(),
+                p.clone(),
+                test_worker_config(),
+                futures::future::pending(),
+            ));
+            // Not a wait for anything: the point in its work where this round's worker dies
+            // moves from round to round (before its first batch, inside one, between them).
+            tokio::time::sleep(Duration::from_millis(2 + 9 * (round % 5))).await;
+            worker.abort();
+            assert!(
+                worker.await.is_err_and(|e| e.is_cancelled()),
+                "{}: the worker stopped on its own",
+                model.name()
+            );
+        }
+        model.catch_up(&env, p.clone()).await;
+        model.catch_up(&env, copy.clone()).await;
         model.assert_not_empty(&env).await;
         copy.assert_same(&env.pool).await;
     }
