@@ -39,8 +39,8 @@ pub use engine::worker::{
     run_projection, run_until_idle, BatchSummary, ProjectionWorker, WorkerConfig, WorkerStats,
 };
 pub use engine::{
-    BulkFold, BulkStart, BulkWrite, EventRef, NeedKeys, PoisonEvent, Projection, RawEvent,
-    TableNames,
+    BulkFold, BulkStart, BulkWrite, EventRef, Freshness, NeedKeys, PoisonEvent, Projection,
+    RawEvent, TableNames,
 };
 pub use models::all;
 pub use support::QueryError;

@@ -31,6 +31,9 @@ pub struct Config {
     /// `ROOKERY_BATCH_INTERVAL_MS`: under load, a projection partition starts a batch at most
     /// this often and takes everything that arrived meanwhile (0: a batch per fetch).
     pub batch_interval: Duration,
+    /// `ROOKERY_RELAXED_BATCH_INTERVAL_MS`: the same for read models whose rows are read as
+    /// they stand rather than watched change (reputation).
+    pub relaxed_batch_interval: Duration,
     /// `ROOKERY_RELAY_INTERVAL_MS`: the same for the relay's reads of the log.
     pub relay_interval: Duration,
     /// `ROOKERY_PIPELINE_NICE` (0–19): in `up`, how many nice steps the relay's and projection
@@ -59,6 +62,8 @@ impl Default for Config {
             read_wait: Duration::from_secs(5),
             ack_wait: Duration::from_secs(30),
             batch_interval: rookery_projections::WorkerConfig::default().min_batch_interval,
+            relaxed_batch_interval: rookery_projections::WorkerConfig::default()
+                .relaxed_batch_interval,
             relay_interval: rookery_nats::RelayConfig::default().min_read_interval,
             pipeline_nice: 10,
             database_url_explicit: false,
@@ -121,6 +126,10 @@ impl Config {
         }
         if let Some(v) = set("ROOKERY_BATCH_INTERVAL_MS") {
             c.batch_interval = Duration::from_millis(parse_num("ROOKERY_BATCH_INTERVAL_MS", &v)?);
+        }
+        if let Some(v) = set("ROOKERY_RELAXED_BATCH_INTERVAL_MS") {
+            c.relaxed_batch_interval =
+                Duration::from_millis(parse_num("ROOKERY_RELAXED_BATCH_INTERVAL_MS", &v)?);
         }
         if let Some(v) = set("ROOKERY_RELAY_INTERVAL_MS") {
             c.relay_interval = Duration::from_millis(parse_num("ROOKERY_RELAY_INTERVAL_MS", &v)?);
@@ -215,7 +224,11 @@ mod tests {
         assert!(err.to_string().contains("ROOKERY_PIPELINE_NICE"));
         let err = from(&[("ROOKERY_PIPELINE_NICE", "-5")]).expect_err("negative nice");
         assert!(err.to_string().contains("ROOKERY_PIPELINE_NICE"));
-        for key in ["ROOKERY_BATCH_INTERVAL_MS", "ROOKERY_RELAY_INTERVAL_MS"] {
+        for key in [
+            "ROOKERY_BATCH_INTERVAL_MS",
+            "ROOKERY_RELAXED_BATCH_INTERVAL_MS",
+            "ROOKERY_RELAY_INTERVAL_MS",
+        ] {
             let err = from(&[(key, "10ms")]).expect_err("unit in a number");
             assert!(err.to_string().contains(key));
         }
@@ -269,15 +282,18 @@ mod tests {
         let c = from(&[]).expect("defaults");
         assert_eq!(c.partitions, 1);
         assert_eq!(c.batch_interval, Duration::from_millis(3));
+        assert_eq!(c.relaxed_batch_interval, Duration::from_millis(25));
         assert_eq!(c.relay_interval, Duration::from_millis(1));
         assert_eq!(c.pipeline_nice, 10);
         let c = from(&[
             ("ROOKERY_BATCH_INTERVAL_MS", "0"),
+            ("ROOKERY_RELAXED_BATCH_INTERVAL_MS", "100"),
             ("ROOKERY_RELAY_INTERVAL_MS", "25"),
             ("ROOKERY_PIPELINE_NICE", "0"),
         ])
         .expect("intervals");
         assert_eq!(c.batch_interval, Duration::ZERO);
+        assert_eq!(c.relaxed_batch_interval, Duration::from_millis(100));
         assert_eq!(c.relay_interval, Duration::from_millis(25));
         assert_eq!(c.pipeline_nice, 0);
     }

@@ -93,6 +93,7 @@ impl Pipeline {
     fn new(config: &Config, runtime: Option<OwnRuntime>, pool: PgPool, bus: Bus) -> Self {
         let worker_config = WorkerConfig {
             min_batch_interval: config.batch_interval,
+            relaxed_batch_interval: config.relaxed_batch_interval,
             ..WorkerConfig::default()
         };
         let workers = rookery_projections::all()

@@ -30,5 +30,5 @@ pub mod worker;
 
 pub use event::{EventRef, PoisonEvent, RawEvent};
 pub use projection::{
-    partitions_of, BulkFold, BulkStart, BulkWrite, NeedKeys, Projection, TableNames,
+    partitions_of, BulkFold, BulkStart, BulkWrite, Freshness, NeedKeys, Projection, TableNames,
 };

@@ -63,11 +63,31 @@ pub trait Projection: Send + Sync + 'static {
         false
     }
 
+    /// How fresh the live worker keeps the rows under load (see [`Freshness`]).
+    fn freshness(&self) -> Freshness {
+        Freshness::Live
+    }
+
     /// Whether events of `aggregate_type` are this projection's (see
     /// [`Projection::aggregate_types`]).
     fn folds(&self, aggregate_type: &str) -> bool {
         self.aggregate_types().contains(&aggregate_type)
     }
+}
+
+/// How often a live worker starts a batch of a projection that keeps up with a busy bus: every
+/// batch is a transaction, and each costs Postgres about as much as the events in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Freshness {
+    /// Rows someone watches change (a member list, a chat history): a batch every
+    /// [`WorkerConfig::min_batch_interval`](super::WorkerConfig::min_batch_interval).
+    #[default]
+    Live,
+    /// Rows read as they stand rather than watched (scores, leaderboards): a batch every
+    /// [`WorkerConfig::relaxed_batch_interval`](super::WorkerConfig::relaxed_batch_interval),
+    /// so the same events cost a fraction of the transactions and leave the cores to the
+    /// live models. Reads with `min_position` wait for them as for any other.
+    Relaxed,
 }
 
 /// The partitions `projection` is worked in on a bus of `bus_partitions`: one for a projection

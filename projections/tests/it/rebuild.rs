@@ -534,3 +534,38 @@ async fn wait_for_head(env: &Env, last: LogPosition) {
     })
     .await;
 }
+
+/// The message text index is maintained without GIN's pending list, live and after a rebuild
+/// (whose shadow table builds it from the live definition): with the list, the insert that
+/// finds it full merges all of it while the messages worker's batch waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_text_index_keeps_no_pending_list_live_or_rebuilt() {
+    use rookery_projections::models::messages::MessagesProjection;
+    async fn options(env: &Env) -> Option<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT reloptions::text[] FROM pg_class WHERE relname = 'messages_text'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .expect("reloptions")
+    }
+    let env = Env::new(1).await;
+    let off = Some(vec!["fastupdate=off".to_string()]);
+    assert_eq!(options(&env).await, off, "live");
+    let mut scenario = Scenario::new(3, uuids(2), uuids(10));
+    let mut last = LogPosition::ZERO;
+    for _ in 0..20 {
+        last = last.max(env.writer.write(&scenario.step()).await);
+    }
+    wait_for_head(&env, last).await;
+    rebuild_with(
+        &env.pool,
+        Arc::new(MessagesProjection),
+        1,
+        &RebuildConfig::default(),
+        |_| {},
+    )
+    .await
+    .expect("rebuild");
+    assert_eq!(options(&env).await, off, "rebuilt");
+}

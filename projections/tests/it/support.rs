@@ -133,6 +133,7 @@ pub fn test_worker_config() -> WorkerConfig {
         batch_size: 100,
         fetch_wait: Duration::from_millis(200),
         min_batch_interval: Duration::from_millis(1),
+        relaxed_batch_interval: Duration::from_millis(1),
         max_attempts: 3,
         backoff_min: Duration::from_millis(5),
         backoff_max: Duration::from_millis(50),

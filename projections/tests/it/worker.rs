@@ -524,6 +524,46 @@ async fn wait_for_position_returns_promptly_once_applied() {
     relay_task.await.expect("relay task").expect("relay");
 }
 
+/// Runs `projection`'s worker with `config` while ten joins reach the bus one by one (each on
+/// the stream before the next is written); returns the community and the batches committed.
+async fn batches_for_joins_one_by_one(
+    env: &Env,
+    projection: Arc<dyn Projection>,
+    config: rookery_projections::WorkerConfig,
+) -> (Uuid, u64) {
+    let worker = ProjectionWorker::new(
+        env.pool.clone(),
+        env.bus.clone(),
+        projection.clone(),
+        config,
+    );
+    let stats = worker.stats();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+    let c = Uuid::new_v4();
+    let mut last = LogPosition::ZERO;
+    for u in uuids(10) {
+        last = env.writer.write(&[joined(c, u, Role::Member)]).await;
+        env.relay_all().await;
+    }
+    let behind = rookery_projections::wait_for_models(
+        &env.pool,
+        &[projection.as_ref()],
+        env.partitions(),
+        last,
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("wait");
+    assert_eq!(behind, None, "{} did not catch up", projection.name());
+    stop.cancel();
+    running.await.expect("join").expect("worker");
+    let batches = stats
+        .batches_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (c, batches)
+}
+
 /// Events that reach a busy partition one by one are applied together: a batch starts at
 /// most every `min_batch_interval`, and takes everything that arrived meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,38 +573,30 @@ async fn events_arriving_one_by_one_share_batches() {
         min_batch_interval: Duration::from_millis(500),
         ..test_worker_config()
     };
-    let worker = ProjectionWorker::new(
-        env.pool.clone(),
-        env.bus.clone(),
-        members_projection(),
-        config,
-    );
-    let stats = worker.stats();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
-
-    let c = Uuid::new_v4();
-    let mut last = LogPosition::ZERO;
-    for u in uuids(10) {
-        // Each event is on the stream before the next is written.
-        last = env.writer.write(&[joined(c, u, Role::Member)]).await;
-        env.relay_all().await;
-    }
-    assert!(
-        wait_for_position(&env.pool, NAME, 1, last, Duration::from_secs(20))
-            .await
-            .expect("wait")
-    );
+    let (c, batches) = batches_for_joins_one_by_one(&env, members_projection(), config).await;
     assert_eq!(
         members::member_count(&env.pool, c).await.expect("count"),
         10
     );
-    let batches = stats
-        .batches_total
-        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(batches <= 4, "10 events in {batches} batches");
-    stop.cancel();
-    running.await.expect("join").expect("worker");
+}
+
+/// A relaxed model (reputation) batches at its own, longer interval while the live ones keep
+/// theirs: the same one-by-one joins cost it a few transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relaxed_model_batches_at_its_own_interval() {
+    use rookery_projections::models::reputation::ReputationProjection;
+    use rookery_projections::Freshness;
+    assert_eq!(ReputationProjection.freshness(), Freshness::Relaxed);
+    let env = Env::new(1).await;
+    let config = rookery_projections::WorkerConfig {
+        min_batch_interval: Duration::from_millis(1),
+        relaxed_batch_interval: Duration::from_millis(500),
+        ..test_worker_config()
+    };
+    let (_, batches) =
+        batches_for_joins_one_by_one(&env, Arc::new(ReputationProjection), config).await;
+    assert!(batches <= 4, "10 events in {batches} batches");
 }
 
 /// A batch of only other aggregates' events costs no transaction: the messages model moves past

@@ -76,6 +76,32 @@ pub(super) async fn latency(
     open_loop(env, plan, progress, probe).await
 }
 
+/// A worker's committed batches, the events they applied and their time, as counted so far.
+#[derive(Clone, Copy)]
+struct BatchTotals {
+    batches: u64,
+    events: u64,
+    micros: u64,
+}
+
+impl BatchTotals {
+    fn of(stats: &rookery_projections::WorkerStats) -> Self {
+        Self {
+            batches: stats.batches_total.load(Ordering::Relaxed),
+            events: stats.applied_total.load(Ordering::Relaxed),
+            micros: stats.batch_micros_total.load(Ordering::Relaxed),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            batches: self.batches.saturating_sub(before.batches),
+            events: self.events.saturating_sub(before.events),
+            micros: self.micros.saturating_sub(before.micros),
+        }
+    }
+}
+
 /// Open loop at a fixed rate: request `i` is due at `start + i/rate` whether or not earlier ones
 /// answered, and its latency runs from then (not from when it was actually sent) until its row
 /// is visible in the read model. One observer asks the read model for all outstanding keys at
@@ -97,6 +123,8 @@ pub(super) async fn open_loop(
     } = probe;
     // No model still folding what came before competes with the window.
     super::commands::catch_up(env, None, plan.latency_drain).await?;
+    let batches_before = BatchTotals::of(&worker);
+    let watched = worker.clone();
     let rate = f64::from(plan.latency_rate);
     let total = (rate * plan.latency_window.as_secs_f64()).round() as u64;
     // Accepted requests not yet seen in the read model: key → (community, due time).
@@ -273,6 +301,7 @@ pub(super) async fn open_loop(
             left
         }
     };
+    let batches = BatchTotals::of(&watched).since(batches_before);
     let late_sends = behind
         .iter()
         .filter(|b| **b > Duration::from_millis(1))
@@ -315,6 +344,14 @@ pub(super) async fn open_loop(
         drift.0,
         drift.1,
     );
+    if batches.batches > 0 {
+        context.push_str(&format!(
+            "; {seen_in} committed {} batches of {:.1} events in {:.2} ms on average",
+            batches.batches,
+            batches.events as f64 / batches.batches as f64,
+            batches.micros as f64 / 1000.0 / batches.batches as f64,
+        ));
+    }
     if n_unseen > 0 || errors > 0 || unanswered > 0 {
         context.push_str(&format!(
             "; {n_unseen} not visible within {:.0}s of the end (counted with their wait so far), {errors} failed, {unanswered} unanswered",

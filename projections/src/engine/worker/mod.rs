@@ -33,7 +33,7 @@ mod partition;
 
 use super::checkpoints;
 use super::locks::LockSession;
-use super::projection::{partitions_of, Projection, TableNames};
+use super::projection::{partitions_of, Freshness, Projection, TableNames};
 use super::state;
 use anyhow::{bail, Context as _};
 use partition::PartitionRun;
@@ -59,6 +59,8 @@ pub struct WorkerConfig {
     /// that turns hundreds of one-event transactions per second into a few larger ones. A
     /// batch after a full one (catching up) never waits.
     pub min_batch_interval: Duration,
+    /// The same for a [`Freshness::Relaxed`] projection.
+    pub relaxed_batch_interval: Duration,
     /// Consecutive failures on the same event before it is parked as poison.
     pub max_attempts: u32,
     /// Backoff after a failure doubles from `backoff_min` up to `backoff_max`.
@@ -72,12 +74,23 @@ pub struct WorkerConfig {
     pub pause_poll: Duration,
 }
 
+impl WorkerConfig {
+    /// Least time between the starts of two batches of a projection of `freshness`.
+    pub fn batch_interval(&self, freshness: Freshness) -> Duration {
+        match freshness {
+            Freshness::Live => self.min_batch_interval,
+            Freshness::Relaxed => self.relaxed_batch_interval,
+        }
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
             fetch_wait: Duration::from_secs(1),
             min_batch_interval: Duration::from_millis(3),
+            relaxed_batch_interval: Duration::from_millis(25),
             max_attempts: 5,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -107,6 +120,8 @@ pub struct WorkerStats {
     pub last_batch_unix_ms: AtomicI64,
     /// Duration of the last committed batch, in microseconds.
     pub last_batch_micros: AtomicU64,
+    /// Durations of every committed batch, summed (microseconds).
+    pub batch_micros_total: AtomicU64,
     /// Partitions this process is currently active on.
     pub active_partitions: AtomicU64,
     /// Woken after every committed batch, for observers that wait for a write to become
@@ -139,6 +154,7 @@ impl WorkerStats {
             failures_total: AtomicU64::new(0),
             last_batch_unix_ms: AtomicI64::new(0),
             last_batch_micros: AtomicU64::new(0),
+            batch_micros_total: AtomicU64::new(0),
             active_partitions: AtomicU64::new(0),
             committed: tokio::sync::Notify::new(),
             exported: Exported {
@@ -166,6 +182,8 @@ impl WorkerStats {
         self.batches_total.fetch_add(1, Ordering::Relaxed);
         self.last_batch_micros
             .store(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.batch_micros_total
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         self.last_batch_unix_ms
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         let e = &self.exported;

@@ -34,7 +34,7 @@ pub(super) struct PartitionRun {
     /// The highest stream sequence this run's batches committed (or the checkpoint's when the
     /// consumer opened).
     pub(super) committed_seq: u64,
-    /// When the next batch may start (see [`WorkerConfig::min_batch_interval`]).
+    /// When the next batch may start (see [`WorkerConfig::batch_interval`]).
     pub(super) next_batch_at: Instant,
     /// The batches' connection, kept while batches follow each other.
     pub(super) conn: KeptConn,
@@ -191,7 +191,7 @@ impl PartitionRun {
             self.next_batch_at = if deliveries.len() >= max {
                 started
             } else {
-                started + config.min_batch_interval
+                started + config.batch_interval(self.shared.projection.freshness())
             };
             if self.move_past(&deliveries).await {
                 continue;
