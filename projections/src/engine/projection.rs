@@ -76,7 +76,7 @@ pub trait Projection: Send + Sync + 'static {
 }
 
 /// How often a live worker starts a batch of a projection that keeps up with a busy bus: every
-/// batch is a transaction, and each costs Postgres about as much as the events in it.
+/// batch is a transaction, which costs Postgres a fixed share beyond the events in it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Freshness {
     /// Rows someone watches change (a member list, a chat history): a batch every
