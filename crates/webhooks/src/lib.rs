@@ -8,11 +8,14 @@
 //!   Standard Webhooks v1, Twitch EventSub and `X-Hub-Signature-256` (GitHub, Meta), all in
 //!   constant time over the raw body.
 //! - [`retry`]: when a failed outbound delivery is tried again, and when it is exhausted.
+//! - [`sealed`]: secrets at rest, AES-256-GCM under `ROOKERY_SECRET_KEY`, bound to their row.
 //! - [`ssrf`]: which destination addresses an outbound delivery may connect to.
 
 pub mod retry;
+pub mod sealed;
 pub mod signature;
 pub mod ssrf;
 
 pub use retry::RetrySchedule;
+pub use sealed::{SealError, SealingKey};
 pub use signature::{Secret, SignatureError};
