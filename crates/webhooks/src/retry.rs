@@ -9,6 +9,15 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The units of a schedule entry, largest first, in milliseconds.
+const UNITS: [(&str, u64); 5] = [
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1_000),
+    ("ms", 1),
+];
+
 /// How far a wait may move either way.
 pub const JITTER: f64 = 0.2;
 
@@ -71,15 +80,11 @@ impl FromStr for RetrySchedule {
                     .ok_or_else(|| BadSchedule(entry.to_string()))?;
                 let (number, unit) = entry.split_at(split);
                 let n: u64 = number.parse().map_err(|_| BadSchedule(entry.to_string()))?;
-                let millis = match unit {
-                    "ms" => Some(n),
-                    "s" => n.checked_mul(1_000),
-                    "m" => n.checked_mul(60_000),
-                    "h" => n.checked_mul(3_600_000),
-                    "d" => n.checked_mul(86_400_000),
-                    _ => None,
-                }
-                .ok_or_else(|| BadSchedule(entry.to_string()))?;
+                let millis = UNITS
+                    .iter()
+                    .find(|(name, _)| *name == unit)
+                    .and_then(|(_, per)| n.checked_mul(*per))
+                    .ok_or_else(|| BadSchedule(entry.to_string()))?;
                 Ok(Duration::from_millis(millis))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -96,13 +101,13 @@ impl fmt::Display for RetrySchedule {
             }
             first = false;
             let ms = wait.as_millis();
-            match ms {
-                _ if ms % 86_400_000 == 0 => write!(f, "{}d", ms / 86_400_000)?,
-                _ if ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000)?,
-                _ if ms % 60_000 == 0 => write!(f, "{}m", ms / 60_000)?,
-                _ if ms % 1_000 == 0 => write!(f, "{}s", ms / 1_000)?,
-                _ => write!(f, "{ms}ms")?,
-            }
+            // The largest unit the wait is a whole number of (`ms` divides everything).
+            let (name, per) = UNITS
+                .iter()
+                .find(|(_, per)| ms % u128::from(*per) == 0)
+                .copied()
+                .unwrap_or(("ms", 1));
+            write!(f, "{}{name}", ms / u128::from(per))?;
         }
         Ok(())
     }

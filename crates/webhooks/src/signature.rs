@@ -107,10 +107,15 @@ impl fmt::Debug for Secret {
 pub mod standard {
     use super::*;
 
+    /// The MAC of `id.timestamp.body`, what both signing and verifying compute.
+    fn mac(secret: &Secret, id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
+        let ts = timestamp.to_string();
+        secret.mac(&[id.as_bytes(), b".", ts.as_bytes(), b".", body])
+    }
+
     /// `v1,<signature>` of one delivery under one secret.
     pub fn sign(secret: &Secret, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let ts = timestamp.to_string();
-        let mac = secret.mac(&[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+        let mac = mac(secret, id, timestamp, body);
         format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
     }
 
@@ -144,8 +149,7 @@ pub mod standard {
         if (now - ts).abs() > STANDARD_TOLERANCE_SECS {
             return Err(SignatureError::Stale(STANDARD_TOLERANCE_SECS));
         }
-        let ts = ts.to_string();
-        let mac = secret.mac(&[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+        let mac = mac(secret, id, ts, body);
         let mut any = false;
         for entry in signatures.split(' ').filter(|e| !e.is_empty()) {
             let Some((version, value)) = entry.split_once(',') else {
@@ -175,8 +179,7 @@ pub mod twitch {
 
     /// `sha256=<hex>` of a notification (what Twitch sends; for tests and tools).
     pub fn sign(secret: &Secret, message_id: &str, timestamp: &str, body: &[u8]) -> String {
-        let mac = secret.mac(&[message_id.as_bytes(), timestamp.as_bytes(), body]);
-        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+        sha256_hex(secret.mac(&[message_id.as_bytes(), timestamp.as_bytes(), body]))
     }
 
     /// Checks `Twitch-Eventsub-Message-Id`, `-Timestamp` (RFC 3339, within
@@ -199,11 +202,11 @@ pub mod twitch {
         if skew > limit || skew < -limit {
             return Err(SignatureError::Stale(TWITCH_TOLERANCE_SECS));
         }
-        let sig = hex_sha256(signature, "Twitch-Eventsub-Message-Signature")?;
-        secret
-            .mac(&[id.as_bytes(), ts_text.as_bytes(), body])
-            .verify_slice(&sig)
-            .map_err(|_| SignatureError::Mismatch)
+        verify_sha256_hex(
+            secret.mac(&[id.as_bytes(), ts_text.as_bytes(), body]),
+            signature,
+            "Twitch-Eventsub-Message-Signature",
+        )
     }
 }
 
@@ -216,10 +219,7 @@ pub mod hub {
 
     /// `sha256=<hex>` of `body`.
     pub fn sign(secret: &Secret, body: &[u8]) -> String {
-        format!(
-            "sha256={}",
-            hex::encode(secret.mac(&[body]).finalize().into_bytes())
-        )
+        sha256_hex(secret.mac(&[body]))
     }
 
     /// Checks the header against `body`. These senders put no timestamp in the signature:
@@ -230,11 +230,7 @@ pub mod hub {
         body: &[u8],
     ) -> Result<(), SignatureError> {
         let signature = required(signature, HEADER)?;
-        let sig = hex_sha256(signature, HEADER)?;
-        secret
-            .mac(&[body])
-            .verify_slice(&sig)
-            .map_err(|_| SignatureError::Mismatch)
+        verify_sha256_hex(secret.mac(&[body]), signature, HEADER)
     }
 }
 
@@ -245,17 +241,26 @@ fn required<'a>(value: Option<&'a str>, header: &'static str) -> Result<&'a str,
         .ok_or(SignatureError::Missing(header))
 }
 
-/// The bytes of a `sha256=<hex>` header value.
-fn hex_sha256(value: &str, header: &'static str) -> Result<Vec<u8>, SignatureError> {
+/// `sha256=<hex>` of a MAC (Twitch's and the hub headers' form).
+fn sha256_hex(mac: HmacSha256) -> String {
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks `mac` against the `sha256=<hex>` value of `header`, in constant time.
+fn verify_sha256_hex(
+    mac: HmacSha256,
+    value: &str,
+    header: &'static str,
+) -> Result<(), SignatureError> {
     let hex_part = value
         .trim()
         .strip_prefix("sha256=")
         .ok_or(SignatureError::Malformed(header))?;
-    let bytes = hex::decode(hex_part).map_err(|_| SignatureError::Malformed(header))?;
-    if bytes.len() != 32 {
+    let sig = hex::decode(hex_part).map_err(|_| SignatureError::Malformed(header))?;
+    if sig.len() != 32 {
         return Err(SignatureError::Malformed(header));
     }
-    Ok(bytes)
+    mac.verify_slice(&sig).map_err(|_| SignatureError::Mismatch)
 }
 
 #[cfg(test)]

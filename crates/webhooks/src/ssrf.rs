@@ -46,21 +46,13 @@ fn v6_range(ip: Ipv6Addr) -> Option<&'static str> {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return v4_range(v4);
     }
+    // The IPv4 address in two segments.
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-        return v4_range(Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        ));
+        return v4_range(v4(s[6], s[7]));
     }
     if s[0] == 0x2002 {
-        return v4_range(Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            s[1] as u8,
-            (s[2] >> 8) as u8,
-            s[2] as u8,
-        ));
+        return v4_range(v4(s[1], s[2]));
     }
     Some(match s[0] {
         _ if ip.is_unspecified() => "unspecified (::)",
