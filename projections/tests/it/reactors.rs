@@ -87,7 +87,8 @@ async fn a_crossing_bans_once_across_a_stop_a_rerun_and_a_rebuild() {
             via: None,
         })])
         .await;
-    env.writer.write(&[adjust(c, v, -200)]).await;
+    let last = env.writer.write(&[adjust(c, v, -200)]).await;
+    env.wait_for_head(last).await;
     rebuild(
         &env.pool,
         Arc::new(ReputationProjection),

@@ -257,7 +257,7 @@ async fn interrupted_rebuild_resumes_from_its_cursor() {
         last = last.max(env.writer.write(&scenario.step()).await);
     }
     let total = scenario.events;
-    wait_for_head(&env, last).await;
+    env.wait_for_head(last).await;
 
     // Crash a rebuild part-way (the task is aborted, as a killed process would be).
     let config = RebuildConfig {
@@ -347,7 +347,7 @@ async fn rebuild_without_keys_resumes_after_a_crash_and_matches_live_fold() {
         written += events.len() as u64;
         last = last.max(env.writer.write(&events).await);
     }
-    wait_for_head(&env, last).await;
+    env.wait_for_head(last).await;
 
     let config = RebuildConfig {
         batch_size: 30,
@@ -400,7 +400,7 @@ async fn rebuild_without_keys_resumes_after_a_crash_and_matches_live_fold() {
         written += events.len() as u64;
         last = last.max(env.writer.write(&events).await);
     }
-    wait_for_head(&env, last).await;
+    env.wait_for_head(last).await;
 
     let report = crate::support::retry_until_lock_free(|| {
         rebuild_with(&env.pool, members_projection(), 2, &config, |_| {})
@@ -445,7 +445,7 @@ async fn rebuild_parks_poison_events_and_folds_the_rest() {
         }
     }
     let last = env.writer.write(&scenario.step()).await;
-    wait_for_head(&env, last).await;
+    env.wait_for_head(last).await;
 
     let config = RebuildConfig {
         batch_size: 25,
@@ -508,7 +508,7 @@ async fn rebuild_without_a_bulk_fold_applies_batch_by_batch() {
     for _ in 0..150 {
         last = last.max(env.writer.write(&scenario.step()).await);
     }
-    wait_for_head(&env, last).await;
+    env.wait_for_head(last).await;
     let config = RebuildConfig {
         batch_size: 40,
         switch_gap: 0,
@@ -520,19 +520,6 @@ async fn rebuild_without_a_bulk_fold_applies_batch_by_batch() {
     assert_eq!(report.total, scenario.events, "{report}");
     assert_eq!(schema(&env).await, schema_before);
     assert_matches_incremental_build(&env).await;
-}
-
-/// The commit-safe head is server-wide: a transaction open in another test holds it back for a
-/// moment. Waits until it covers `last`, so that counts taken from the log are exact.
-async fn wait_for_head(env: &Env, last: LogPosition) {
-    crate::support::eventually(Duration::from_secs(20), "the commit-safe head", || async {
-        rookery_store::log::committed_head(&env.pool)
-            .await
-            .ok()
-            .flatten()
-            >= Some(last)
-    })
-    .await;
 }
 
 /// The message text index is maintained without GIN's pending list, live and after a rebuild
@@ -557,7 +544,7 @@ async fn the_message_text_index_keeps_no_pending_list_live_or_rebuilt() {
     for _ in 0..20 {
         last = last.max(env.writer.write(&scenario.step()).await);
     }
-    wait_for_head(&env, last).await;
+    env.wait_for_head(last).await;
     rebuild_with(
         &env.pool,
         Arc::new(MessagesProjection),

@@ -36,6 +36,20 @@ pub struct Env {
 }
 
 impl Env {
+    /// The commit-safe head is server-wide: a transaction open in another test holds it back
+    /// for a moment. Waits until it covers `last`, so that a rebuild (which reads up to it) and
+    /// counts taken from the log see every event written so far.
+    pub async fn wait_for_head(&self, last: LogPosition) {
+        eventually(Duration::from_secs(20), "the commit-safe head", || async {
+            rookery_store::log::committed_head(&self.pool)
+                .await
+                .ok()
+                .flatten()
+                >= Some(last)
+        })
+        .await;
+    }
+
     pub async fn new(partitions: u32) -> Env {
         init_logs();
         let db = TestDb::create().await.expect("test database");
